@@ -1,0 +1,203 @@
+"""The params schema: params.yaml is validated on load; an unknown key, a wrong type or a bad value is an error
+naming the key (e.g. `tune.runs.uniform25.budget`). The typed classes below *are* the schema."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import data as D
+from pipeline.model import PROFILES, ProfileSpec
+from pipeline.selection import STRATEGIES
+from pipeline.tuning import LoraSpec
+
+for _cls in (ProfileSpec, LoraSpec, D.DataConfig):
+    _cls.__pydantic_config__ = ConfigDict(extra="forbid")
+
+
+class ParamsError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelParams(_Strict):
+    profile: Literal["tiny", "micro", "hf"] = "tiny"
+    spec: ProfileSpec | None = None  # overrides the tiny/micro shape
+    vision: str | None = None  # hf profile: vision encoder path or hub id (CLIP or SigLIP)
+    language_model: str | None = None  # hf profile: causal LM path or hub id (Llama family)
+    checkpoint: str | None = None  # hf profile: an existing LLaVA checkpoint instead of composing one
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check_sources(self):
+        if self.profile == "hf":
+            composed = self.vision is not None and self.language_model is not None
+            if composed == (self.checkpoint is not None):
+                raise ValueError("profile 'hf' needs either `checkpoint` or both `vision` and `language_model`")
+        elif self.vision or self.language_model or self.checkpoint:
+            raise ValueError(f"profile {self.profile!r} is built offline: vision/language_model/checkpoint must be null")
+        return self
+
+    def profile_spec(self) -> ProfileSpec:
+        if self.profile == "hf":
+            raise ValueError("the hf profile has no offline spec")
+        return self.spec or PROFILES[self.profile]
+
+
+class TrainParams(_Strict):
+    max_steps: int = Field(200, ge=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(128, ge=8)
+    on_overflow: Literal["truncate", "refuse"] = "truncate"
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    bf16: bool = False  # GPU only
+
+
+class LMPretrainParams(_Strict):
+    """Tiny profile only: pretrain the tiny LM on text so there is text ability to preserve."""
+
+    lr: float = Field(3e-3, gt=0)
+    seq_len: int = Field(128, ge=8)
+    train: TrainParams = TrainParams(max_steps=600, batch_size=16)
+
+
+class ProjectorParams(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    train: TrainParams = TrainParams()
+
+
+class TuneRun(_Strict):
+    strategy: str | list[int] = "uniform"
+    budget: float | int = 0.25
+    seed: int = 0
+    language_model: Literal["full", "lora", "frozen"] = "full"
+    projector: Literal["full", "frozen"] = "full"
+    importance_metric: str | None = None  # strategy 'importance': which score
+    importance_from: str | None = None  # strategy 'importance': the tune run whose model is scored
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v):
+        if isinstance(v, str) and v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; expected one of {list(STRATEGIES)} or a list of layer indices")
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("budget must be a ratio in (0, 1] or a layer count")
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"budget ratio must be in (0, 1], got {v}")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"budget count must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _importance(self):
+        if self.strategy == "importance" and not (self.importance_metric and self.importance_from):
+            raise ValueError("strategy 'importance' needs importance_metric and importance_from")
+        return self
+
+
+class TuneParams(_Strict):
+    runs: dict[str, TuneRun]
+    projector_lr: float = Field(2e-5, gt=0)
+    lm_lr: float = Field(2e-4, gt=0)
+    embeddings: bool = False
+    lm_head: bool = False
+    lora: LoraSpec = LoraSpec()
+    train: TrainParams = TrainParams()
+
+    @field_validator("runs")
+    @classmethod
+    def _names(cls, runs):
+        if not runs:
+            raise ValueError("at least one tune run is needed")
+        for name in runs:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(f"run name {name!r} must match [a-z0-9][a-z0-9_-]*")
+        if "all" not in runs:
+            raise ValueError("tune.runs needs an 'all' run: it is the baseline every retention is measured against")
+        return runs
+
+
+class PruneParams(_Strict):
+    num_layers: int = Field(2, ge=1)
+    metric: Literal["angular", "bi", "mm_bi"] = "angular"
+    calibration_samples: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class EvaluateParams(_Strict):
+    max_new_tokens: int = Field(6, ge=1)
+    batch_size: int = Field(32, ge=1)
+    vqa_samples: int = Field(300, ge=1)
+    digits_samples: int = Field(200, ge=1)
+    text_qa_samples: int = Field(200, ge=1)
+    text_ppl_chunks: int = Field(100, ge=1)
+
+
+class MlflowParams(_Strict):
+    experiment: str = "visual-region"
+
+
+class Params(_Strict):
+    seed: int = 0
+    model: ModelParams = ModelParams()
+    data: D.DataConfig = D.DataConfig()
+    lm_pretrain: LMPretrainParams = LMPretrainParams()
+    pretrain_projector: ProjectorParams = ProjectorParams()
+    tune: TuneParams
+    prune: PruneParams = PruneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _cross(self):
+        for name, run in self.tune.runs.items():
+            if run.strategy == "importance" and run.importance_from not in self.tune.runs:
+                raise ValueError(f"tune.runs.{name}.importance_from: no tune run named {run.importance_from!r}")
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid params in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].replace("Unexpected keyword argument", "unknown key").replace("Extra inputs are not permitted", "unknown key")
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"invalid params in {source}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format(err, source)) from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"params file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
+    return validate(raw, str(path))

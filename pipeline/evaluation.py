@@ -1,0 +1,114 @@
+"""Evaluation with greedy decoding: visual exact match per question type, text perplexity and text QA accuracy,
+generation latency. Retention = score / the `all` baseline's score."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline import data as D
+from pipeline.training import prompt_text
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text.strip().lower()).strip()
+
+
+def _generate(model: nn.Module, inputs: dict, max_new_tokens: int, tokenizer) -> tuple[list[str], int]:
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    new = out[:, inputs["input_ids"].shape[1] :]
+    n_tokens = int((new != tokenizer.pad_token_id).sum())
+    return tokenizer.batch_decode(new, skip_special_tokens=True), n_tokens
+
+
+@dataclass
+class GenerationTiming:
+    seconds: float = 0.0
+    samples: int = 0
+    new_tokens: int = 0
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "generation_ms_per_sample": 1000 * self.seconds / max(1, self.samples),
+            "generation_tokens_per_s": self.new_tokens / self.seconds if self.seconds else 0.0,
+        }
+
+
+@torch.no_grad()
+def visual_accuracy(model, processor, records, *, max_new_tokens: int, batch_size: int, timing: GenerationTiming) -> dict:
+    """Exact-match accuracy (after lower-casing and stripping punctuation) per question type and overall."""
+    model.eval()
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    hits: dict[str, list[int]] = defaultdict(list)
+    examples = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        prompts = [prompt_text(r["conversations"][0]["value"]) for r in batch]
+        images = [r["image"].convert("RGB") for r in batch]
+        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
+        t0 = time.perf_counter()
+        answers, n_new = _generate(model, inputs, max_new_tokens, tokenizer)
+        timing.seconds += time.perf_counter() - t0
+        timing.samples += len(batch)
+        timing.new_tokens += n_new
+        for r, pred in zip(batch, answers):
+            gold = r["conversations"][1]["value"]
+            hits[r["qtype"]].append(int(normalise(pred) == normalise(gold)))
+            if len(examples) < 20:
+                examples.append({"id": r["id"], "qtype": r["qtype"], "gold": gold, "pred": pred})
+    per_type = {q: sum(v) / len(v) for q, v in sorted(hits.items())}
+    n = sum(len(v) for v in hits.values())
+    return {"per_type": per_type, "accuracy": sum(sum(v) for v in hits.values()) / max(1, n), "n": n, "examples": examples}
+
+
+@torch.no_grad()
+def text_perplexity(model, tokenizer, texts: list[str], *, batch_size: int, max_length: int) -> float:
+    """exp(mean next-token NLL) over held-out text, language model only (no image)."""
+    model.eval()
+    tokenizer.padding_side = "right"
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = enc.to(model.device)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+        labels = enc["input_ids"][:, 1:]
+        mask = enc["attention_mask"][:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
+        total_nll += float(nll[mask].sum())
+        total_tokens += int(mask.sum())
+    return math.exp(total_nll / max(1, total_tokens))
+
+
+@torch.no_grad()
+def text_qa_accuracy(model, tokenizer, qa: list[dict], *, max_new_tokens: int, batch_size: int) -> dict:
+    model.eval()
+    tokenizer.padding_side = "left"
+    hits: dict[str, list[int]] = defaultdict(list)
+    for start in range(0, len(qa), batch_size):
+        batch = qa[start : start + batch_size]
+        inputs = tokenizer([D.text_qa_prompt(r["question"]) for r in batch], return_tensors="pt", padding=True).to(model.device)
+        answers, _ = _generate(model, dict(inputs), max_new_tokens, tokenizer)
+        for r, pred in zip(batch, answers):
+            hits[r["qtype"]].append(int(normalise(pred) == normalise(r["answer"])))
+    n = sum(len(v) for v in hits.values())
+    return {
+        "accuracy": sum(sum(v) for v in hits.values()) / max(1, n),
+        "per_type": {q: sum(v) / len(v) for q, v in sorted(hits.items())},
+        "n": n,
+    }
+
+
+def retention(score: float, baseline: float) -> float:
+    if baseline == 0 or math.isnan(baseline) or math.isnan(score):
+        return float("nan")
+    return score / baseline

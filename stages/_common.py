@@ -1,0 +1,44 @@
+"""What every stage shares: environment defaults, logging, params loading, a clean error exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger("stages")
+
+
+def load_params(path: str = "params.yaml"):
+    from pipeline import config
+
+    params = config.load(os.environ.get("VR_PARAMS", path))
+    if params.model.profile != "hf":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the offline profiles never touch a hub
+    return params
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """Run a stage: a known error (bad params, bad data, bad model) is one clear line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from pipeline.config import ParamsError
+    from pipeline.data import DataError
+    from pipeline.model import ModelStructureError
+
+    try:
+        main(sys.argv[1:])
+    except (ParamsError, DataError, ModelStructureError, FileNotFoundError, ValueError) as err:
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(2)

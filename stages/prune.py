@@ -1,0 +1,75 @@
+"""Stage `prune`: score the layers of a tuned model on visual calibration data and remove the `prune.num_layers`
+least important ones outside its visual region (the tuned layers). The `all` run has no region to protect, so it
+gets conventional angular-distance pruning: the paper's comparison.
+
+    python -m stages.prune --run uniform25
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from stages._common import load_params, run, torch_dtype
+
+
+def calibration_batches(processor, records, batch_size: int) -> list[dict]:
+    """Image + full conversation (question and answer) as the model saw them in training."""
+    from pipeline.training import prompt_text
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    batches = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        texts = [prompt_text(r["conversations"][0]["value"]) + " " + r["conversations"][1]["value"] for r in chunk]
+        images = [r["image"].convert("RGB") for r in chunk]
+        batches.append(dict(processor(images=images, text=texts, padding=True, return_tensors="pt")))
+    return batches
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="stages.prune")
+    parser.add_argument("--run", required=True)
+    name = parser.parse_args(argv).run
+
+    import datasets
+    from safetensors.torch import load_file
+
+    from pipeline import importance, model as M, pruning
+    from pipeline.storage import atomic_write_json, atomic_write_text
+
+    params = load_params()
+    cfg = params.prune
+    tuned_dir = Path(f"models/tuned/{name}")
+    if not tuned_dir.exists():
+        raise FileNotFoundError(f"tuned model {tuned_dir} does not exist: run `dvc repro tune@{name}` first")
+    selection = json.loads((tuned_dir / "selection.json").read_text())
+    model, processor = M.load_vlm(tuned_dir, dtype=torch_dtype(params.model.dtype))
+    num_layers = M.num_decoder_layers(model)
+
+    calib = datasets.load_from_disk("data/prepared/visual")["instruct_train"]
+    calib = [calib[i] for i in range(min(cfg.calibration_samples, len(calib)))]
+    base_state = {}
+    for f in sorted(Path("models/projector").glob("*.safetensors")):
+        base_state |= load_file(f)
+    scores = importance.layer_importance(model, calibration_batches(processor, calib, cfg.batch_size), base=base_state)
+
+    region = selection["layers"]
+    protected = [] if len(region) == num_layers else region
+    remove = pruning.choose_layers_to_prune(scores.get(cfg.metric), cfg.num_layers, protected)
+    kept = pruning.remove_layers(model, remove, protected=protected)
+    meta = {"run": name, "metric": cfg.metric, "protected": protected, "mode": "protected" if protected else "conventional"}
+    pruning.export_pruned(model, processor, f"models/pruned/{name}", removed=remove, kept=kept, meta=meta)
+
+    atomic_write_json(f"plots/importance/{name}.json", scores.to_dict())
+    rows = scores.to_rows()
+    header = list(rows[0])
+    atomic_write_text(f"plots/importance/{name}.csv", ",".join(header) + "\n" + "".join(
+        ",".join("" if r[h] is None else str(r[h]) for h in header) + "\n" for r in rows))
+    atomic_write_json(f"metrics/prune/{name}.json", {
+        "removed": remove, "kept": kept, "num_layers_before": num_layers, "num_layers_after": len(kept), **meta,
+    })
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,92 @@
+"""Stage `tune` (LLaVA stage 2, the paper's subject): one run per layer-selection entry in `tune.runs`.
+
+    python -m stages.tune --run uniform25
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from stages._common import load_params, run, torch_dtype
+
+
+def resolve_layers(params, name: str, num_layers: int) -> list[int]:
+    from pipeline.selection import select_layers
+
+    spec = params.tune.runs[name]
+    scores = None
+    if spec.strategy == "importance":
+        path = Path(f"plots/importance/{spec.importance_from}.json")
+        if not path.exists():
+            raise FileNotFoundError(f"tune.runs.{name}: importance scores {path} are missing (prune@{spec.importance_from} writes them)")
+        scores = json.loads(path.read_text())[spec.importance_metric]
+    return select_layers(num_layers, spec.strategy, spec.budget, seed=spec.seed, scores=scores)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="stages.tune")
+    parser.add_argument("--run", required=True)
+    name = parser.parse_args(argv).run
+
+    import datasets
+
+    from pipeline import model as M, tracking, training as T
+    from pipeline.storage import atomic_write_json, atomic_write_text
+    from pipeline.tuning import Trainability
+
+    params = load_params()
+    if name not in params.tune.runs:
+        raise ValueError(f"--run {name!r}: no such entry in tune.runs (have {sorted(params.tune.runs)})")
+    spec, cfg = params.tune.runs[name], params.tune
+    out, ckpt = Path(f"models/tuned/{name}"), Path(f"checkpoints/tune/{name}")
+
+    model, processor = M.load_vlm("models/projector", dtype=torch_dtype(params.model.dtype))
+    layers = resolve_layers(params, name, M.num_decoder_layers(model))
+    trainability = Trainability(
+        projector=spec.projector, language_model=spec.language_model, layers=tuple(layers),
+        embeddings=cfg.embeddings, lm_head=cfg.lm_head, lora=cfg.lora,
+    )
+    data = datasets.load_from_disk("data/prepared/visual")["instruct_train"]
+    run_params = {
+        "run": name, "strategy": spec.strategy if isinstance(spec.strategy, str) else "explicit",
+        "budget": spec.budget, "layers": ",".join(map(str, layers)), "num_layers": len(layers),
+        "language_model": spec.language_model, "projector": spec.projector, "projector_lr": cfg.projector_lr,
+        "lm_lr": cfg.lm_lr, "seed": params.seed, "selection_seed": spec.seed, "max_steps": cfg.train.max_steps,
+        "batch_size": cfg.train.batch_size, "lora": json.dumps(cfg.lora.__dict__) if spec.language_model == "lora" else "",
+        "git_commit": tracking.git_commit(), "data_hash": tracking.tree_hash("data/prepared"),
+    }
+
+    mlflow = tracking.setup(params.mlflow.experiment)
+    parent = tracking.parent_run_id(mlflow, {
+        "git_commit": run_params["git_commit"], "data_hash": run_params["data_hash"], "seed": params.seed,
+        "model": params.model.model_dump_json(), "tune": params.tune.model_dump_json(),
+    })
+    with mlflow.start_run(run_id=parent):
+        with mlflow.start_run(run_name=name, nested=True, tags={"vr_kind": "tune", "vr_run": name}) as mlrun:
+            mlflow.log_params(tracking.scrub(run_params))
+            tuned, result, report = T.train_visual(
+                model, processor, data, trainability=trainability, projector_lr=cfg.projector_lr, lm_lr=cfg.lm_lr,
+                params=cfg.train, ckpt_dir=ckpt, seed=params.seed,
+                fingerprint={"stage": "tune", "run": run_params, "train": cfg.train.model_dump()},
+            )
+            for h in result.loss_history:
+                mlflow.log_metric("train_loss", h["loss"], step=h["step"])
+            metrics = {
+                "steps": result.steps, "train_seconds": result.train_seconds, "final_loss": result.final_loss,
+                "peak_memory_bytes": result.peak_memory_bytes, "trainable_parameters": report["trainable"],
+                "trainable_fraction": report["trainable_fraction"], "optimizer_state_bytes": report["optimizer_state_bytes"],
+                "truncated_samples": report["truncated_samples"],
+            }
+            mlflow.log_metrics(metrics)
+            selection = {"run": name, "layers": layers, "num_decoder_layers": M.num_decoder_layers(tuned),
+                         "mlflow_run_id": mlrun.info.run_id, **{k: v for k, v in run_params.items() if k != "layers"}}
+            mlflow.log_dict(report, "trainability.json")
+            mlflow.log_dict(selection, "selection.json")
+            M.save_vlm(tuned, processor, out, extra_json={"selection.json": selection, "trainability.json": report})
+    T.finish(ckpt)
+    atomic_write_text(f"plots/loss/{name}.csv", T.loss_csv(result.loss_history))
+    atomic_write_json(f"metrics/tune/{name}.json", metrics)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,36 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+MICRO_TEXTS = [
+    "USER: <image>\nWhat colour is the circle? ASSISTANT: red",
+    "What shape is the blue object? square triangle circle. How many shapes are there? one two three four",
+    "Is the red circle on the left or the right? left right top bottom yes no",
+    "The quick brown fox jumps over the lazy dog. def class return import for while if else",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def micro_dir(tmp_path_factory) -> Path:
+    """A saved micro LLaVA checkpoint (2 layers, hidden 32) with its processor."""
+    from pipeline import model as M
+
+    root = tmp_path_factory.mktemp("micro")
+    vision_dir, lm_dir = M.build_offline_parts(M.PROFILES["micro"], MICRO_TEXTS, root, seed=0)
+    model, processor = M.compose_llava(str(vision_dir), str(lm_dir))
+    M.save_vlm(model, processor, root / "base")
+    return root / "base"
+
+
+@pytest.fixture
+def micro(micro_dir):
+    """A fresh (model, processor) pair loaded from the micro checkpoint."""
+    from pipeline import model as M
+
+    return M.load_vlm(micro_dir)

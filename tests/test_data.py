@@ -1,0 +1,549 @@
+"""Tests for pipeline/data.py: synthetic scenes, splits, determinism, atomic writes, LLaVA import."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import data as D
+
+FIXTURE_DIR = Path(__file__).parent / "fixtures" / "llava_format"
+SMALL = dict(num_captions=40, num_instruct=50, num_vqa_test=20)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def shape_pixel(img: Image.Image, s: D.Shape) -> tuple[int, int, int]:
+    """A pixel that is inside the shape for every kind (triangles: lower middle)."""
+    x0, y0, x1, y1 = s.bbox
+    cx = (x0 + x1) // 2
+    cy = (y0 + y1) // 2 if s.kind != "triangle" else y0 + 3 * (y1 - y0) // 4
+    return img.getpixel((cx, cy))
+
+
+def record_key(r: dict) -> tuple:
+    return (r["id"], r["image"]["bytes"], json.dumps(r["conversations"]), r["qtype"])
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def good_record(rid: str, image: str | None = "img.png", answer: str = "red") -> dict:
+    rec: dict = {
+        "id": rid,
+        "conversations": [
+            {"from": "human", "value": ("<image>\n" if image else "") + "What colour?"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+def write_json(path: Path, records: list) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def rgb_png(colour=(255, 0, 0)) -> bytes:
+    return png(Image.new("RGB", (8, 8), colour))
+
+
+# ---------------------------------------------------------------------------
+# synthetic scenes
+# ---------------------------------------------------------------------------
+
+
+def test_draw_scene_shapes_are_visible_and_in_their_quadrant():
+    rng = random.Random(123)
+    seen_counts = Counter()
+    for _ in range(300):
+        img, shapes = D.draw_scene(rng, 64)
+        assert img.size == (64, 64) and img.mode == "RGB"
+        assert 1 <= len(shapes) <= 4
+        seen_counts[len(shapes)] += 1
+        cells = [(s.row, s.col) for s in shapes]
+        assert len(set(cells)) == len(cells), "two shapes share a quadrant"
+        assert cells == sorted(cells), "shapes must be in reading order"
+        for s in shapes:
+            x0, y0, x1, y1 = s.bbox
+            assert x1 - x0 + 1 >= 16 and y1 - y0 + 1 >= 16, "shape too small at 64px"
+            assert s.col * 32 <= x0 and x1 < (s.col + 1) * 32
+            assert s.row * 32 <= y0 and y1 < (s.row + 1) * 32
+            assert shape_pixel(img, s) == D.PALETTE[s.colour]
+    assert set(seen_counts) == {1, 2, 3, 4}
+
+
+def test_questions_answers_match_the_drawn_scene():
+    rng = random.Random(7)
+    for _ in range(200):
+        img, shapes = D.draw_scene(rng, 64)
+        for qtype in D.QTYPES:
+            qa = D.make_question(rng, shapes, qtype)
+            if qa is None:
+                continue
+            q, a = qa
+            if qtype == "colour":
+                kind = q.removeprefix("What colour is the ").removesuffix("?")
+                (s,) = [s for s in shapes if s.kind == kind]  # unique kind
+                assert a == s.colour and shape_pixel(img, s) == D.PALETTE[a]
+            elif qtype == "shape":
+                colour = q.removeprefix("What shape is the ").removesuffix(" object?")
+                (s,) = [s for s in shapes if s.colour == colour]  # unique colour
+                assert a == s.kind
+            elif qtype == "count":
+                if q == "How many shapes are there?":
+                    assert a == str(len(shapes))
+                else:
+                    kind = q.removeprefix("How many ").removesuffix("s are there?")
+                    assert a == str(sum(s.kind == kind for s in shapes))
+            elif qtype == "position":
+                name = q.removeprefix("Is the ").split(" on the ")[0].split(" at the ")[0]
+                (s,) = [s for s in shapes if s.name == name]  # unique colour+kind
+                assert a == (s.horizontal if "left or the right" in q else s.vertical)
+                x0, y0, x1, y1 = s.bbox
+                if a in ("left", "right"):
+                    assert ((x0 + x1) / 2 < 32) == (a == "left")
+                else:
+                    assert ((y0 + y1) / 2 < 32) == (a == "top")
+            elif qtype == "yesno":
+                name = q.removeprefix("Is there a ").removesuffix("?")
+                assert a == ("yes" if any(s.name == name for s in shapes) else "no")
+
+
+def test_vqa_records_balanced_and_well_formed():
+    records = D.make_vqa_records(random.Random(0), 500, 64, "t")
+    counts = Counter(r["qtype"] for r in records)
+    assert counts == {q: 100 for q in D.QTYPES}
+    yesno = Counter(r["conversations"][1]["value"] for r in records if r["qtype"] == "yesno")
+    assert yesno == {"yes": 50, "no": 50}
+    for r in records:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert human["value"].count("<image>") == 1
+        assert gpt["from"] == "gpt"
+        answer = gpt["value"]
+        assert answer == answer.lower() and answer.isalnum(), answer
+    pos = Counter(r["conversations"][1]["value"] for r in records if r["qtype"] == "position")
+    assert set(pos) <= {"left", "right", "top", "bottom"} and len(pos) == 4
+
+
+def test_caption_records():
+    rng = random.Random(1)
+    for i in range(50):
+        r = D.make_caption_record(rng, 64, f"c{i}")
+        assert r["qtype"] == "caption"
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+        caption = r["conversations"][1]["value"]
+        assert caption.startswith("a ") and caption.endswith(".")
+    shapes = [
+        D.Shape("circle", "red", 0, 0, (0, 0, 1, 1)),
+        D.Shape("square", "blue", 1, 1, (0, 0, 1, 1)),
+    ]
+    assert D.describe_scene(shapes) == "a red circle on the top left and a blue square on the bottom right."
+
+
+def test_synthetic_determinism():
+    a = D.make_vqa_records(random.Random("s"), 30, 64, "x")
+    b = D.make_vqa_records(random.Random("s"), 30, 64, "x")
+    c = D.make_vqa_records(random.Random("t"), 30, 64, "x")
+    assert [record_key(r) for r in a] == [record_key(r) for r in b]
+    assert [record_key(r) for r in a] != [record_key(r) for r in c]
+
+
+# ---------------------------------------------------------------------------
+# digits, text, text QA
+# ---------------------------------------------------------------------------
+
+
+def test_digits_split_is_disjoint_and_held_out():
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    train, test = D.make_digit_records(0, 32, 0.3)
+    train_ids = {r["id"] for r in train}
+    test_ids = {r["id"] for r in test}
+    assert not train_ids & test_ids
+    assert len(train_ids) + len(test_ids) == len(target)
+    assert len(test) == round(0.3 * len(target))
+    for r in test[:20] + train[:20]:
+        idx = int(r["id"].split("-")[1])
+        assert r["conversations"][1]["value"] == str(target[idx])
+        assert r["conversations"][0]["value"] == "<image>\nWhat digit is this?"
+        img = Image.open(io.BytesIO(r["image"]["bytes"]))
+        assert img.size == (32, 32) and img.mode == "RGB"
+    # same seed -> same split; other seed -> other split
+    assert {r["id"] for r in D.make_digit_records(0, 32, 0.3)[1]} == test_ids
+    assert {r["id"] for r in D.make_digit_records(1, 32, 0.3)[1]} != test_ids
+
+
+def test_text_split_disjoint_and_chunking():
+    topics = D.load_pydoc_topics()
+    train, test = D.split_text_documents(0, 0.1)
+    assert not set(train) & set(test)
+    assert set(train) | set(test) == set(topics)
+    assert len(test) == round(0.1 * len(topics))
+    assert D.split_text_documents(0, 0.1) == (train, test)
+    for name in list(topics)[:30]:
+        chunks = D.chunk_text(topics[name], 200)
+        assert chunks and all(0 < len(c) <= 200 for c in chunks)
+        assert " ".join(chunks).split() == topics[name].split()  # nothing lost
+    assert D.chunk_text("x" * 50, 20) == ["x" * 20, "x" * 20, "x" * 10]
+    assert D.chunk_text("ab\n\n  \n\ncd\n\nefgh", 6) == ["ab\n\ncd", "efgh"]
+
+
+def test_text_corpus_has_no_paragraph_leakage():
+    # pydoc topics share whole paragraphs; none of the test ones may reach train
+    train, test = D.text_corpus_chunks(0, 0.1, 400)
+    assert train and test
+    train_paras = {p for c in train for p in D.split_paragraphs(c)}
+    test_paras = {p for c in test for p in D.split_paragraphs(c)}
+    assert not train_paras & test_paras
+    assert not set(train) & set(test)
+    assert all(len(c) <= 400 for c in train + test)
+
+
+def test_text_qa():
+    rows = D.make_text_qa()
+    assert len(rows) >= 60
+    assert len({r["question"] for r in rows}) == len(rows)
+    assert {"successor_word", "successor_digit", "opposite", "fact"} <= {r["qtype"] for r in rows}
+    assert {"question": "What number comes after seven?", "answer": "eight",
+            "qtype": "successor_word"} in rows
+    for r in rows:
+        assert r["answer"] == r["answer"].lower() and r["answer"].strip() == r["answer"]
+    text = D.text_qa_as_text("What is the opposite of up?", "down")
+    assert text == "Question: What is the opposite of up? Answer: down"
+    assert text.startswith(D.text_qa_prompt("What is the opposite of up?"))
+
+
+# ---------------------------------------------------------------------------
+# prepare_all
+# ---------------------------------------------------------------------------
+
+
+def test_prepare_all_layout_and_determinism(tmp_path):
+    cfg = D.DataConfig(image_size=32, **SMALL)
+    counts = D.prepare_all(cfg, tmp_path / "a")
+    out = tmp_path / "a"
+    visual = datasets.load_from_disk(str(out / "visual"))
+    assert set(visual) == set(D.VISUAL_SPLITS)
+    for name, split in visual.items():
+        assert split.features == D.VISUAL_FEATURES
+        assert counts[f"visual/{name}"] == len(split)
+    assert len(visual["caption_train"]) == 40 and len(visual["vqa_test"]) == 20
+    qtypes = Counter(visual["instruct_train"]["qtype"])
+    assert qtypes["digit"] > 1000 and sum(qtypes[q] for q in D.QTYPES) == 50
+    assert visual["instruct_train"][0]["image"].size == (32, 32)
+    test_images = {hashlib.sha256(png(r)).digest() for r in visual["vqa_test"]["image"]}
+    train_images = {hashlib.sha256(png(r)).digest() for r in visual["caption_train"]["image"]}
+    assert not test_images & train_images
+
+    text = datasets.load_from_disk(str(out / "text"))
+    assert set(text) == {"train", "test"} and text["train"].column_names == ["text"]
+    qa = datasets.load_from_disk(str(out / "text_qa"))
+    assert qa.column_names == ["question", "answer", "qtype"]
+    qa_strings = {D.text_qa_as_text(q, a) for q, a in zip(qa["question"], qa["answer"])}
+    train_counts = Counter(text["train"]["text"])
+    assert all(train_counts[s] == cfg.text_qa_repeats for s in qa_strings)
+    assert not qa_strings & set(text["test"]["text"])
+    assert not set(text["test"]["text"]) & set(text["train"]["text"])
+    assert all(len(t) <= cfg.text_chunk_chars for t in text["test"]["text"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == counts
+    # determinism: byte-identical directory trees; other seed differs
+    D.prepare_all(cfg, tmp_path / "b")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    D.prepare_all(D.DataConfig(seed=1, image_size=32, **SMALL), tmp_path / "c")
+    da, dc = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "c")
+    assert da["visual/vqa_test/data-00000-of-00001.arrow"] != dc["visual/vqa_test/data-00000-of-00001.arrow"]
+    assert da["text/train/data-00000-of-00001.arrow"] != dc["text/train/data-00000-of-00001.arrow"]
+
+
+def test_prepare_all_replaces_existing_out_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    D.prepare_all(D.DataConfig(image_size=32, **SMALL), out)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_prepare_all_is_atomic_on_failure(tmp_path, monkeypatch, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("previous run")
+    before = tree_digest(tmp_path)
+    calls = {"n": 0}
+    real_save = datasets.Dataset.save_to_disk
+
+    def failing_save(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # fail mid-way through writing the visual splits
+            raise OSError("disk full (simulated)")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        D.prepare_all(D.DataConfig(image_size=32, **SMALL), out)
+    assert calls["n"] == 3
+    assert tree_digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
+
+
+def test_prepare_all_failure_in_swap_restores_previous(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+    real_replace = D.os.replace
+
+    def flaky_replace(src, dst):
+        if Path(src).name.startswith(".out.tmp-"):
+            raise OSError("rename failed (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(D.os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="simulated"):
+        D.prepare_all(D.DataConfig(image_size=32, **SMALL), out)
+    assert (out / "keep.txt").read_text() == "previous run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_prepare_all_with_imported_llava(tmp_path):
+    cfg = D.DataConfig(image_size=32, llava_json=str(FIXTURE_DIR / "data.json"), **SMALL)
+    counts = D.prepare_all(cfg, tmp_path / "out")
+    assert counts["visual/imported"] == 4
+    visual = datasets.load_from_disk(str(tmp_path / "out" / "visual"))
+    imported = visual["imported"]
+    assert imported[0]["image"].size == (32, 32)
+    assert imported[3]["image"] is None
+
+
+def test_data_config_validation():
+    with pytest.raises(ValueError, match="digits_test_fraction"):
+        D.DataConfig(digits_test_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown DataConfig keys"):
+        D.DataConfig.from_dict({"seed": 1, "bogus": 2})
+    assert D.DataConfig.from_dict({"seed": 3}).seed == 3
+
+
+# ---------------------------------------------------------------------------
+# LLaVA importer: good fixture
+# ---------------------------------------------------------------------------
+
+
+def test_import_good_fixture():
+    ds, report = D.import_llava_json(FIXTURE_DIR / "data.json", FIXTURE_DIR)
+    assert report.imported == 4 and report.skipped == {} and report.messages == []
+    assert ds.features == D.VISUAL_FEATURES
+    assert ds["id"] == ["000000001", "000000002", "000000003", "text-only-1"]
+    assert set(ds["qtype"]) == {"imported"}
+    r0, r1, r2, r3 = (ds[i] for i in range(4))
+    assert r0["conversations"][0]["value"] == "<image>\nWhat colour is the circle?"
+    # trailing <image> normalised to a leading one; multi-turn kept
+    assert r1["conversations"][0]["value"] == "<image>\nWhat shape is shown in the image?"
+    assert [t["from"] for t in r1["conversations"]] == ["human", "gpt", "human", "gpt"]
+    assert r1["conversations"][2]["value"] == "What colour is it?"
+    assert r0["image"].mode == "RGB" and r0["image"].size == (16, 16)
+    assert r0["image"].getpixel((8, 8)) == (255, 0, 0)
+    assert r2["image"].getpixel((8, 8)) == (0, 128, 0)  # images/sub/0003.png
+    assert r3["image"] is None and "<image>" not in r3["conversations"][0]["value"]
+    # image_dir defaults to the JSON's folder
+    ds2, _ = D.import_llava_json(FIXTURE_DIR / "data.json")
+    assert ds2["id"] == ds["id"]
+
+
+def test_import_jsonl(tmp_path):
+    records = json.loads((FIXTURE_DIR / "data.json").read_text())
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    ds, report = D.import_llava_json(path, FIXTURE_DIR)
+    assert report.imported == 4 and len(ds) == 4
+
+
+# ---------------------------------------------------------------------------
+# LLaVA importer: bad records
+# ---------------------------------------------------------------------------
+
+
+def _bad_case(tmp_path: Path, case: str) -> tuple[Path, str, str]:
+    """Write a dataset with one good and one bad record. Returns (json, bad_field, reason)."""
+    (tmp_path / "good.png").write_bytes(rgb_png())
+    bad = good_record("bad-1", "img.png")
+    image_bytes: bytes | None = rgb_png()
+    field, reason = "image", ""
+    if case == "corrupt":
+        image_bytes, reason = b"\x89PNG\r\n\x1a\nthis is not an image", "corrupt_image"
+    elif case == "truncated":
+        image_bytes, reason = png(Image.effect_noise((64, 64), 50).convert("RGB"))[:200], "corrupt_image"
+    elif case == "missing_file":
+        image_bytes, reason = None, "missing_image"
+    elif case == "zero_size":
+        image_bytes, reason = b"", "zero_size_image"
+    elif case == "no_gpt":
+        bad["conversations"] = bad["conversations"][:1]
+        field, reason = "conversations", "missing_turn"
+    elif case == "no_human":
+        bad["conversations"] = [{"from": "gpt", "value": "<image>\nred"}]
+        field, reason = "conversations", "missing_turn"
+    elif case == "token_missing":
+        bad["conversations"][0]["value"] = "What colour?"
+        field, reason = "conversations", "image_token_mismatch"
+    elif case == "token_twice":
+        bad["conversations"][0]["value"] = "<image>\nWhat colour? <image>"
+        field, reason = "conversations", "image_token_mismatch"
+    elif case == "token_without_image":
+        del bad["image"]
+        field, reason = "conversations", "image_token_mismatch"
+    elif case == "empty_answer":
+        bad["conversations"][1]["value"] = "  \n"
+        field, reason = "conversations[1].value", "empty_answer"
+    elif case == "missing_conversations":
+        del bad["conversations"]
+        field, reason = "conversations", "missing_field"
+    elif case == "wrong_type":
+        bad["conversations"][1]["value"] = 42
+        field, reason = "conversations[1].value", "wrong_type"
+    else:
+        raise AssertionError(case)
+    if image_bytes is not None:
+        (tmp_path / "img.png").write_bytes(image_bytes)
+    path = write_json(tmp_path / "data.json", [good_record("good-0", "good.png"), bad])
+    return path, field, reason
+
+
+BAD_CASES = [
+    "corrupt", "truncated", "missing_file", "zero_size", "no_gpt", "no_human", "token_missing",
+    "token_twice", "token_without_image", "empty_answer", "missing_conversations", "wrong_type",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_import_bad_record_raises_with_context(tmp_path, case):
+    path, field, reason = _bad_case(tmp_path, case)
+    with pytest.raises(D.DataError) as info:
+        D.import_llava_json(path, tmp_path)
+    err = info.value
+    msg = str(err)
+    assert str(path) in msg
+    assert "record 1" in msg and "id='bad-1'" in msg
+    assert f"field '{field}'" in msg
+    assert (err.reason, err.field, err.record_id, err.index) == (reason, field, "bad-1", 1)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_import_bad_record_skip_mode(tmp_path, case, caplog):
+    path, _, reason = _bad_case(tmp_path, case)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        ds, report = D.import_llava_json(path, tmp_path, on_error="skip")
+    assert ds["id"] == ["good-0"]
+    assert report.imported == 1 and report.skipped == {reason: 1}
+    assert len(report.messages) == 1 and "bad-1" in report.messages[0]
+    assert any("bad-1" in rec.getMessage() for rec in caplog.records)
+
+
+def test_malformed_jsonl_line_names_line(tmp_path):
+    (tmp_path / "img.png").write_bytes(rgb_png())
+    lines = [json.dumps(good_record("a")), "", '{"id": "b", "conversations": [', json.dumps(good_record("c"))]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(D.DataError) as info:
+        D.import_llava_json(path, tmp_path)
+    msg = str(info.value)
+    assert str(path) in msg and "line 3" in msg and "record 1" in msg and "malformed JSON" in msg
+    ds, report = D.import_llava_json(path, tmp_path, on_error="skip")
+    assert ds["id"] == ["a", "c"] and report.skipped == {"malformed_json": 1}
+
+
+def test_malformed_json_file_names_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"id": "a",\n   "conversations": [}\n]\n')
+    with pytest.raises(D.DataError, match=r"data\.json: malformed JSON at line 3"):
+        D.import_llava_json(path, tmp_path)
+    path.write_text('{"id": "a"}')
+    with pytest.raises(D.DataError, match="must be a list"):
+        D.import_llava_json(path, tmp_path)
+
+
+def test_all_records_bad_in_skip_mode_raises(tmp_path):
+    path = write_json(tmp_path / "data.json", [good_record("x", "nope.png")])
+    with pytest.raises(D.DataError, match="no valid records"):
+        D.import_llava_json(path, tmp_path, on_error="skip")
+
+
+# ---------------------------------------------------------------------------
+# LLaVA importer: image modes
+# ---------------------------------------------------------------------------
+
+
+def _mode_image(mode: str) -> tuple[bytes, str, tuple[int, int, int]]:
+    """(file bytes, file suffix, expected RGB pixel after conversion)."""
+    if mode == "L":
+        return png(Image.new("L", (8, 8), 100)), ".png", (100, 100, 100)
+    if mode == "CMYK":
+        return png(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "TIFF"), ".tiff", (255, 0, 0)
+    if mode == "I;16":
+        arr = np.full((8, 8), 32896, dtype=np.uint16)  # 32896 / 257 = 128
+        arr[0, 0] = 65535
+        return png(Image.fromarray(arr)), ".png", (128, 128, 128)
+    if mode == "I":
+        return png(Image.new("I", (8, 8), 65535), "TIFF"), ".tiff", (255, 255, 255)
+    if mode == "RGBA":
+        return png(Image.new("RGBA", (8, 8), (0, 0, 255, 255))), ".png", (0, 0, 255)
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "I;16", "I", "RGBA"])
+def test_image_modes_convert_and_refuse(tmp_path, mode):
+    data, suffix, expected = _mode_image(mode)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    (tmp_path / f"img{suffix}").write_bytes(data)
+    path = write_json(tmp_path / "data.json", [good_record("m-1", f"img{suffix}")])
+
+    ds, report = D.import_llava_json(path, tmp_path, image_mode="convert")
+    img = ds[0]["image"]
+    assert img.mode == "RGB" and img.getpixel((4, 4)) == expected
+    assert report.converted_modes == {mode: 1}
+    if mode == "I;16":
+        assert img.getpixel((0, 0)) == (255, 255, 255)
+
+    with pytest.raises(D.DataError) as info:
+        D.import_llava_json(path, tmp_path, image_mode="refuse")
+    msg = str(info.value)
+    assert str(path) in msg and "id='m-1'" in msg and "field 'image'" in msg and repr(mode) in msg
+    assert info.value.reason == "image_mode"
+
+
+def test_cmyk_jpeg_converts(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "img.jpg", format="JPEG")
+    path = write_json(tmp_path / "data.json", [good_record("j", "img.jpg")])
+    ds, _ = D.import_llava_json(path, tmp_path, resize_to=4)
+    r, g, b = ds[0]["image"].getpixel((2, 2))
+    assert ds[0]["image"].size == (4, 4) and r > 200 and g < 60 and b < 60
