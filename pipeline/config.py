@@ -3,6 +3,7 @@ naming the key (e.g. `tune.runs.uniform25.budget`). The typed classes below *are
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Literal
@@ -15,7 +16,7 @@ from pipeline.model import PROFILES, ProfileSpec
 from pipeline.selection import STRATEGIES
 from pipeline.tuning import LoraSpec
 
-for _cls in (ProfileSpec, LoraSpec, D.DataConfig):
+for _cls in (LoraSpec, D.DataConfig):
     _cls.__pydantic_config__ = ConfigDict(extra="forbid")
 
 
@@ -29,7 +30,7 @@ class _Strict(BaseModel):
 
 class ModelParams(_Strict):
     profile: Literal["tiny", "micro", "hf"] = "tiny"
-    spec: ProfileSpec | None = None  # overrides the tiny/micro shape
+    spec: dict[str, int | str] = {}  # overrides of the tiny/micro shape (fields of pipeline.model.ProfileSpec)
     vision: str | None = None  # hf profile: vision encoder path or hub id (CLIP or SigLIP)
     language_model: str | None = None  # hf profile: causal LM path or hub id (Llama family)
     checkpoint: str | None = None  # hf profile: an existing LLaVA checkpoint instead of composing one
@@ -42,14 +43,20 @@ class ModelParams(_Strict):
             composed = self.vision is not None and self.language_model is not None
             if composed == (self.checkpoint is not None):
                 raise ValueError("profile 'hf' needs either `checkpoint` or both `vision` and `language_model`")
-        elif self.vision or self.language_model or self.checkpoint:
-            raise ValueError(f"profile {self.profile!r} is built offline: vision/language_model/checkpoint must be null")
+        else:
+            if self.vision or self.language_model or self.checkpoint:
+                raise ValueError(f"profile {self.profile!r} is built offline: vision/language_model/checkpoint must be null")
+            self.profile_spec()  # unknown or bad shape fields fail here, at load time
         return self
 
     def profile_spec(self) -> ProfileSpec:
         if self.profile == "hf":
             raise ValueError("the hf profile has no offline spec")
-        return self.spec or PROFILES[self.profile]
+        known = {f.name for f in dataclasses.fields(ProfileSpec)}
+        unknown = sorted(set(self.spec) - known)
+        if unknown:
+            raise ValueError(f"spec: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        return dataclasses.replace(PROFILES[self.profile], **self.spec)
 
 
 class TrainParams(_Strict):

@@ -111,9 +111,16 @@ class DataConfig:
     text_test_fraction: float = 0.1
     text_chunk_chars: int = 400
     text_qa_repeats: int = 10
-    llava_json: str | None = None
+    # Real data in LLaVA format (e.g. LLaVA-Pretrain 558K captions, LLaVA-665K instructions). When set, the imported
+    # records replace the synthetic caption_train / instruct_train split; held-out synthetic tests stay.
+    pretrain_json: str | None = None
+    pretrain_image_dir: str | None = None
+    instruct_json: str | None = None
+    instruct_image_dir: str | None = None
+    llava_json: str | None = None  # an extra LLaVA-format set, imported as its own split "imported"
     llava_image_dir: str | None = None
     llava_on_error: Literal["raise", "skip"] = "raise"
+    llava_image_mode: Literal["convert", "refuse"] = "convert"
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -133,8 +140,11 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig.llava_on_error must be 'raise' or 'skip', got {self.llava_on_error!r}"
             )
-        if self.llava_image_dir is not None and self.llava_json is None:
-            raise ValueError("DataConfig.llava_image_dir is set but llava_json is not")
+        for prefix in ("llava", "pretrain", "instruct"):
+            if getattr(self, f"{prefix}_image_dir") is not None and getattr(self, f"{prefix}_json") is None:
+                raise ValueError(f"DataConfig.{prefix}_image_dir is set but {prefix}_json is not")
+        if self.llava_image_mode not in ("convert", "refuse"):
+            raise ValueError(f"DataConfig.llava_image_mode must be 'convert' or 'refuse', got {self.llava_image_mode!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
@@ -869,12 +879,17 @@ def build_visual(cfg: DataConfig) -> datasets.DatasetDict:
         "vqa_test": _visual_dataset(vqa_test),
         "digits_test": _visual_dataset(digits_test),
     }
-    if cfg.llava_json is not None:
+    real = {"caption_train": ("pretrain", None), "instruct_train": ("instruct", None), IMPORTED_SPLIT: ("llava", cfg.image_size)}
+    for split, (prefix, resize_to) in real.items():
+        json_path = getattr(cfg, f"{prefix}_json")
+        if json_path is None:
+            continue
         imported, report = import_llava_json(
-            cfg.llava_json, cfg.llava_image_dir, on_error=cfg.llava_on_error,
-            resize_to=cfg.image_size,
+            json_path, getattr(cfg, f"{prefix}_image_dir"), on_error=cfg.llava_on_error,
+            image_mode=cfg.llava_image_mode, resize_to=resize_to,
         )
-        splits[IMPORTED_SPLIT] = imported
+        logger.info("imported %s into %s: %d records, skipped %s", json_path, split, report.imported, report.skipped)
+        splits[split] = imported
     return datasets.DatasetDict(splits)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +66,8 @@ def encode_visual_dataset(ds: datasets.Dataset, processor, *, max_length: int, o
     if max_length <= n_image + 8:
         raise ValueError(f"max_length {max_length} leaves no room for text after {n_image} image tokens")
     tokenizer = processor.tokenizer
+    size = processor.image_processor.crop_size or processor.image_processor.size
+    placeholder_shape = (3, size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge")))
 
     def encode(batch):
         out = {"input_ids": [], "labels": [], "truncated": []}
@@ -75,8 +78,15 @@ def encode_visual_dataset(ds: datasets.Dataset, processor, *, max_length: int, o
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(cut)
-        images = [im.convert("RGB") for im in batch["image"]]
-        out["pixel_values"] = processor.image_processor(images, return_tensors="np")["pixel_values"]
+        # Text-only records (e.g. ShareGPT turns in LLaVA-665K) get a zero placeholder and has_image=False.
+        images = [im.convert("RGB") for im in batch["image"] if im is not None]
+        pixels = iter(processor.image_processor(images, return_tensors="np")["pixel_values"] if images else [])
+        out["pixel_values"], out["has_image"] = [], []
+        for im in batch["image"]:
+            out["has_image"].append(im is not None)
+            out["pixel_values"].append(next(pixels) if im is not None else None)
+        shape = next((p.shape for p in out["pixel_values"] if p is not None), None) or placeholder_shape
+        out["pixel_values"] = [p if p is not None else np.zeros(shape, dtype=np.float32) for p in out["pixel_values"]]
         return out
 
     encoded = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, keep_in_memory=True)
@@ -99,8 +109,11 @@ class VisualCollator:
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             ids[i, :n], labels[i, :n], mask[i, :n] = b["input_ids"], b["labels"], 1
-        pixels = torch.stack([b["pixel_values"] for b in batch]).float()
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        with_image = [b["pixel_values"] for b in batch if b["has_image"]]
+        if with_image:  # LLaVA matches image features to <image> tokens in order, so text-only rows need none
+            out["pixel_values"] = torch.stack(with_image).float()
+        return out
 
 
 def text_blocks(texts: list[str], tokenizer, seq_len: int) -> datasets.Dataset:

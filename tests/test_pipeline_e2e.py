@@ -1,0 +1,119 @@
+"""The whole pipeline under `dvc repro`, end to end, on the micro profile (params/micro.yaml)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PY_BIN = str(Path(sys.executable).parent)
+
+
+def sh(args, cwd, env, check=True):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    for name in ("pipeline", "stages", "dvc.yaml", ".dvcignore"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name)
+    shutil.copy(REPO / "params" / "micro.yaml", ws / "params.yaml")
+    env = {
+        **os.environ, "PATH": f"{PY_BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("VR_PARAMS", None)
+    env.pop("VR_PIPELINE_RUN_ID", None)
+    sh(["git", "init", "-q"], ws, env)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], ws, env)
+    sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], ws, env)
+    sh(["git", "add", "-A"], ws, env)
+    sh(["git", "commit", "-qm", "init"], ws, env)
+    first = sh([sys.executable, "-m", "dvc", "repro"], ws, env)
+    return ws, env, first
+
+
+def test_every_stage_produces_its_outputs(workspace):
+    ws, _, first = workspace
+    assert "Running stage 'summarize'" in first.stdout
+    for d in ("data/prepared/visual", "models/base", "models/projector"):
+        assert (ws / d).is_dir(), d
+    for run in ("all", "uniform50", "lora_bottom1"):
+        assert list((ws / f"models/tuned/{run}").glob("*.safetensors")), run
+        assert list((ws / f"models/pruned/{run}").glob("*.safetensors")), run
+        assert (ws / f"metrics/eval/{run}.json").exists()
+        assert (ws / f"plots/loss/{run}.csv").read_text().startswith("step,loss\n")
+        assert (ws / f"plots/importance/{run}.csv").read_text().startswith("layer,")
+
+
+def test_selection_and_pruning_follow_params(workspace):
+    ws, _, _ = workspace
+    sel = json.loads((ws / "models/tuned/uniform50/selection.json").read_text())
+    assert sel["layers"] == [1, 3]  # uniform, 50% of 4 layers
+    report = json.loads((ws / "models/tuned/uniform50/trainability.json").read_text())
+    assert report["trained_layers"] == [1, 3]
+    prune = json.loads((ws / "metrics/prune/uniform50.json").read_text())
+    assert prune["mode"] == "protected" and not set(prune["removed"]) & {1, 3}
+    assert json.loads((ws / "metrics/prune/all.json").read_text())["mode"] == "conventional"
+    pruned_cfg = json.loads((ws / "models/pruned/uniform50/config.json").read_text())
+    assert pruned_cfg["text_config"]["num_hidden_layers"] == 3
+    lora_report = json.loads((ws / "models/tuned/lora_bottom1/trainability.json").read_text())
+    assert lora_report["trained_layers"] == [0] and lora_report["components"]["vision"]["trainable"] == 0
+
+
+def test_metrics_and_retention(workspace):
+    ws, _, _ = workspace
+    summary = json.loads((ws / "metrics/summary.json").read_text())
+    assert summary["all.tuned"]["visual_retention"] == pytest.approx(1.0)
+    for row in summary.values():
+        assert 0.0 <= row["visual_score"] <= 1.0 and row["text_ppl"] > 1.0
+    ev = json.loads((ws / "metrics/eval/uniform50.json").read_text())
+    assert ev["pruned"]["num_decoder_layers"] == ev["tuned"]["num_decoder_layers"] - 1
+    assert "digit" in ev["tuned"]["per_type"] and len(ev["tuned"]["per_type"]) >= 3
+    assert "| run |" in (ws / "reports/summary.md").read_text()
+
+
+def test_mlflow_runs_nested_with_exact_layers(workspace):
+    ws, env, _ = workspace
+    code = (
+        "import mlflow, json; mlflow.set_tracking_uri(%r); exp = mlflow.get_experiment_by_name('visual-region-micro');"
+        "runs = mlflow.search_runs([exp.experiment_id], output_format='list');"
+        "print(json.dumps([[r.info.run_id, r.data.tags, r.data.params, sorted(r.data.metrics)] for r in runs]))"
+    ) % env["MLFLOW_TRACKING_URI"]
+    runs = json.loads(sh([sys.executable, "-c", code], ws, env).stdout.strip().splitlines()[-1])
+    parents = [r for r in runs if r[1].get("vr_kind") == "pipeline"]
+    children = {r[1]["vr_run"]: r for r in runs if r[1].get("vr_kind") == "tune"}
+    assert len(parents) == 1 and set(children) == {"all", "uniform50", "lora_bottom1"}
+    assert all(r[1]["mlflow.parentRunId"] == parents[0][0] for r in children.values())
+    assert children["uniform50"][2]["layers"] == "1,3" and children["all"][2]["layers"] == "0,1,2,3"
+    assert "tuned_visual_score" in children["uniform50"][3] and "train_loss" in children["uniform50"][3]
+
+
+def test_second_repro_is_a_no_op_and_a_param_change_reruns_only_its_stages(workspace):
+    ws, env, _ = workspace
+    again = sh([sys.executable, "-m", "dvc", "repro"], ws, env)
+    assert "Running stage" not in again.stdout
+    params = (ws / "params.yaml").read_text().replace("prune: {num_layers: 1,", "prune: {num_layers: 2,")
+    (ws / "params.yaml").write_text(params)
+    status = sh([sys.executable, "-m", "dvc", "status"], ws, env).stdout
+    assert "prune@uniform50" in status and "tune@" not in status and "pretrain_projector" not in status
+
+
+def test_bad_params_fail_cleanly_naming_the_key(workspace):
+    ws, env, _ = workspace
+    bad = ws / "bad.yaml"
+    bad.write_text((ws / "params.yaml").read_text().replace("budget: 0.5", "budget: 1.5"))
+    proc = sh([sys.executable, "-m", "stages.tune", "--run", "uniform50"], ws, {**env, "VR_PARAMS": str(bad)}, check=False)
+    assert proc.returncode == 2
+    assert "tune.runs.uniform50.budget" in proc.stderr and "Traceback" not in proc.stderr
