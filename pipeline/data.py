@@ -292,42 +292,32 @@ def make_question(
 
     For ``yesno``, ``yes`` selects the answer (random when None).
     """
-    kinds = Counter(s.kind for s in shapes)
+    # Questions address a shape by its quadrant or by a colour unique in the scene. Only `shape` needs shape
+    # recognition: with a frozen, randomly initialised tiny vision tower, binding "the circle" to a region is
+    # beyond what a few hundred steps can learn, and every question type would collapse to chance.
     colours = Counter(s.colour for s in shapes)
-    names = Counter(s.name for s in shapes)
     if qtype == "colour":
-        candidates = [s for s in shapes if kinds[s.kind] == 1]
-        if not candidates:
-            return None
-        s = rng.choice(candidates)
-        return f"What colour is the {s.kind}?", s.colour
+        s = rng.choice(shapes)
+        return f"What colour is the shape on the {s.position}?", s.colour
     if qtype == "shape":
+        s = rng.choice(shapes)
+        return f"What shape is on the {s.position}?", s.kind
+    if qtype == "count":
+        return "How many shapes are there?", str(len(shapes))
+    if qtype == "position":
         candidates = [s for s in shapes if colours[s.colour] == 1]
         if not candidates:
             return None
         s = rng.choice(candidates)
-        return f"What shape is the {s.colour} object?", s.kind
-    if qtype == "count":
-        if rng.random() < 0.5:
-            return "How many shapes are there?", str(len(shapes))
-        kind = rng.choice(SHAPES)
-        return f"How many {kind}s are there?", str(kinds[kind])
-    if qtype == "position":
-        candidates = [s for s in shapes if names[s.name] == 1]
-        if not candidates:
-            return None
-        s = rng.choice(candidates)
-        if rng.random() < 0.5:
-            return f"Is the {s.name} on the left or the right?", s.horizontal
-        return f"Is the {s.name} at the top or the bottom?", s.vertical
+        return f"Where is the {s.colour} shape?", s.position
     if qtype == "yesno":
         answer_yes = rng.random() < 0.5 if yes is None else yes
         if answer_yes:
-            s = rng.choice(shapes)
-            return f"Is there a {s.name}?", "yes"
-        absent = [(c, k) for c in COLOURS for k in SHAPES if f"{c} {k}" not in names]
-        colour, kind = rng.choice(absent)
-        return f"Is there a {colour} {kind}?", "no"
+            return f"Is there a {rng.choice(shapes).colour} shape?", "yes"
+        absent = [c for c in COLOURS if c not in colours]
+        if not absent:
+            return None
+        return f"Is there a {rng.choice(absent)} shape?", "no"
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
 
 
