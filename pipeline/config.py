@@ -100,9 +100,25 @@ class TuneRun(_Strict):
     def _known(cls, v):
         if isinstance(v, str) and v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; expected one of {list(STRATEGIES)} or a list of layer indices")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an explicit layer list must not be empty")
+            if any(i < 0 for i in v):
+                raise ValueError(f"layer indices must be >= 0 (0-based), got {sorted(i for i in v if i < 0)}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"duplicate layer indices {sorted({i for i in v if v.count(i) > 1})}")
         return v
 
-    @field_validator("budget")
+    @field_validator("importance_metric")
+    @classmethod
+    def _metric(cls, v):
+        from pipeline.importance import METRICS
+
+        if v is not None and v not in METRICS:
+            raise ValueError(f"unknown importance metric {v!r}; expected one of {list(METRICS)}")
+        return v
+
+    @field_validator("budget", mode="before")
     @classmethod
     def _budget(cls, v):
         if isinstance(v, bool):
@@ -139,6 +155,8 @@ class TuneParams(_Strict):
                 raise ValueError(f"run name {name!r} must match [a-z0-9][a-z0-9_-]*")
         if "all" not in runs:
             raise ValueError("tune.runs needs an 'all' run: it is the baseline every retention is measured against")
+        if runs["all"].strategy != "all":
+            raise ValueError(f"tune.runs.all must use strategy 'all' (the full-tuning baseline), got {runs['all'].strategy!r}")
         return runs
 
 
@@ -178,6 +196,8 @@ class Params(_Strict):
         for name, run in self.tune.runs.items():
             if run.strategy == "importance" and run.importance_from not in self.tune.runs:
                 raise ValueError(f"tune.runs.{name}.importance_from: no tune run named {run.importance_from!r}")
+            if run.strategy == "importance" and run.importance_from == name:
+                raise ValueError(f"tune.runs.{name}.importance_from: a run cannot score itself")
         return self
 
 

@@ -1,0 +1,328 @@
+"""The params schema: every shipped params file validates; every mistake is a ParamsError naming its dotted key."""
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config as C
+from pipeline.selection import select_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted([ROOT / "params.yaml", *(ROOT / "params").glob("*.yaml")])
+
+
+@pytest.fixture(scope="module")
+def base() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def mutate(base: dict, fn) -> dict:
+    raw = copy.deepcopy(base)
+    fn(raw)
+    return raw
+
+
+def invalid(raw: dict, match: str) -> str:
+    with pytest.raises(C.ParamsError, match=match) as err:
+        C.validate(raw, "x.yaml")
+    assert str(err.value).startswith("invalid params in x.yaml:")
+    return str(err.value)
+
+
+def add_run(raw: dict, name: str = "x", **run) -> None:
+    raw["tune"]["runs"][name] = run
+
+
+# ---------------------------------------------------------------------------------------------------- shipped files
+def test_shipped_files_found():
+    names = {p.name for p in SHIPPED}
+    assert "params.yaml" in names and len(SHIPPED) >= 2
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_params_validate(path):
+    params = C.load(path)
+    assert isinstance(params, C.Params)
+    assert "all" in params.tune.runs
+    assert params.tune.runs["all"].strategy == "all"
+    if params.model.profile != "hf":
+        spec = params.model.profile_spec()
+        for name, run in params.tune.runs.items():
+            if run.strategy != "importance":
+                layers = select_layers(spec.lm_layers, run.strategy, run.budget, seed=run.seed)
+                assert layers, name
+
+
+def test_default_params_yaml():
+    params = C.load(ROOT / "params.yaml")
+    assert params.model.profile == "tiny"
+    assert params.tune.runs["uniform25"].budget == 0.25
+    assert params.tune.runs["uniform25"].language_model == "full"
+
+
+def test_micro_params_shape():
+    params = C.load(ROOT / "params" / "micro.yaml")
+    spec = params.model.profile_spec()
+    assert spec.lm_layers == 4 and spec.lm_hidden == 32
+    assert params.tune.lora.r == 4 and params.tune.lora.dropout == 0.0
+    assert params.tune.runs["lora_bottom1"].budget == 1 and isinstance(params.tune.runs["lora_bottom1"].budget, int)
+    assert select_layers(4, "uniform", params.tune.runs["uniform50"].budget) == [1, 3]
+
+
+def test_llava_params_match_the_paper():
+    params = C.load(ROOT / "params" / "llava-1.5-7b.yaml")
+    assert params.model.profile == "hf" and params.model.dtype == "bfloat16"
+    assert (params.tune.lora.r, params.tune.lora.alpha) == (128, 256)
+    run = params.tune.runs["uniform25"]
+    assert run.language_model == "lora"
+    assert select_layers(32, run.strategy, run.budget) == [1, 5, 9, 13, 19, 23, 27, 31]
+
+
+def test_minimal_params_use_defaults():
+    params = C.validate({"tune": {"runs": {"all": {"strategy": "all"}}}}, "x.yaml")
+    assert params.model.profile == "tiny"
+    assert params.tune.train.max_steps == 200
+    assert params.prune.metric == "angular"
+
+
+# ---------------------------------------------------------------------------------------------------- unknown keys
+def test_unknown_top_level_key(base):
+    invalid(mutate(base, lambda r: r.update(foo=1)), r"\n  foo: unknown key")
+
+
+def test_unknown_nested_key(base):
+    invalid(mutate(base, lambda r: r["tune"]["train"].update(foo=1)), r"tune\.train\.foo: unknown key")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [("model", "foo"), ("data", "foo"), ("lm_pretrain", "train", "foo"), ("pretrain_projector", "foo"),
+     ("tune", "lora", "foo"), ("prune", "foo"), ("evaluate", "foo"), ("mlflow", "foo")],
+)
+def test_unknown_keys_everywhere(base, path):
+    def fn(r):
+        node = r
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = 1
+
+    invalid(mutate(base, fn), re.escape(".".join(path)) + ": unknown key")
+
+
+def test_unknown_key_in_a_run(base):
+    invalid(mutate(base, lambda r: add_run(r, strategy="top", budgt=0.5)), r"tune\.runs\.x\.budgt: unknown key")
+
+
+def test_unknown_spec_field(base):
+    invalid(mutate(base, lambda r: r["model"].update(spec={"lm_layerz": 4})), r"model: .*unknown field\(s\) \['lm_layerz'\]")
+
+
+# ---------------------------------------------------------------------------------------------------- types / values
+def test_wrong_type(base):
+    invalid(mutate(base, lambda r: r["tune"]["train"].update(max_steps="abc")), r"tune\.train\.max_steps: .*valid integer")
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        (("tune", "train"), "max_steps", -1),
+        (("tune", "train"), "max_steps", 1.5),
+        (("tune", "train"), "batch_size", 0),
+        (("tune", "train"), "warmup_ratio", 1.0),
+        (("tune", "train"), "on_overflow", "drop"),
+        (("tune",), "lm_lr", 0),
+        (("tune",), "projector_lr", -1e-3),
+        (("prune",), "metric", "cosine"),
+        (("prune",), "num_layers", 0),
+        (("model",), "dtype", "float64"),
+        (("model",), "profile", "huge"),
+        (("evaluate",), "max_new_tokens", 0),
+    ],
+)
+def test_bad_values_name_the_key(base, section, key, value):
+    def fn(r):
+        node = r
+        for s in section:
+            node = node[s]
+        node[key] = value
+
+    invalid(mutate(base, fn), re.escape(".".join((*section, key))) + ": ")
+
+
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        (1.5, r"tune\.runs\.x\.budget: .*budget ratio must be in \(0, 1\], got 1\.5"),
+        (0, r"tune\.runs\.x\.budget: .*budget count must be >= 1, got 0"),
+        (0.0, r"tune\.runs\.x\.budget: .*budget ratio must be in \(0, 1\], got 0\.0"),
+        (-1, r"tune\.runs\.x\.budget: .*budget count must be >= 1, got -1"),
+        (float("nan"), r"tune\.runs\.x\.budget: .*budget ratio must be in \(0, 1\]"),
+        ("abc", r"tune\.runs\.x\.budget"),
+    ],
+)
+def test_bad_budget(base, budget, match):
+    invalid(mutate(base, lambda r: add_run(r, strategy="uniform", budget=budget)), match)
+
+
+def test_bool_budget_is_rejected(base):
+    invalid(mutate(base, lambda r: add_run(r, strategy="uniform", budget=True)), r"tune\.runs\.x\.budget")
+
+
+def test_budget_int_vs_float_kept(base):
+    raw = mutate(base, lambda r: (add_run(r, "one", strategy="bottom", budget=1), add_run(r, "every", strategy="bottom", budget=1.0)))
+    runs = C.validate(raw, "x.yaml").tune.runs
+    assert runs["one"].budget == 1 and type(runs["one"].budget) is int
+    assert runs["every"].budget == 1.0 and type(runs["every"].budget) is float
+
+
+def test_unknown_strategy(base):
+    invalid(mutate(base, lambda r: add_run(r, strategy="middle")), r"tune\.runs\.x\.strategy: .*unknown strategy 'middle'")
+
+
+def test_explicit_list_strategy_accepted(base):
+    params = C.validate(mutate(base, lambda r: add_run(r, strategy=[1, 5, 9])), "x.yaml")
+    assert params.tune.runs["x"].strategy == [1, 5, 9]
+
+
+def test_bad_language_model_mode(base):
+    invalid(mutate(base, lambda r: add_run(r, strategy="top", language_model="partial")), r"tune\.runs\.x\.language_model: ")
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def test_missing_all_run(base):
+    invalid(mutate(base, lambda r: r["tune"]["runs"].pop("all")), r"tune\.runs: .*needs an 'all' run")
+
+
+def test_all_run_must_train_every_layer(base):
+    invalid(mutate(base, lambda r: r["tune"]["runs"].update(all={"strategy": "uniform"})), r"tune\.runs\.all")
+
+
+def test_no_runs(base):
+    invalid(mutate(base, lambda r: r["tune"].update(runs={})), r"tune\.runs: .*at least one tune run")
+
+
+def test_missing_tune(base):
+    invalid(mutate(base, lambda r: r.pop("tune")), r"\n  tune: ")
+
+
+def test_bad_run_name(base):
+    invalid(mutate(base, lambda r: add_run(r, "Bad Name", strategy="top")), r"tune\.runs: .*run name 'Bad Name'")
+
+
+def test_importance_run_without_importance_from(base):
+    invalid(
+        mutate(base, lambda r: add_run(r, strategy="importance", importance_metric="bi")),
+        r"tune\.runs\.x: .*needs importance_metric and importance_from",
+    )
+
+
+def test_importance_run_without_metric(base):
+    invalid(
+        mutate(base, lambda r: add_run(r, strategy="importance", importance_from="all")),
+        r"tune\.runs\.x: .*needs importance_metric and importance_from",
+    )
+
+
+def test_importance_from_unknown_run(base):
+    invalid(
+        mutate(base, lambda r: add_run(r, strategy="importance", importance_metric="bi", importance_from="nope")),
+        r"tune\.runs\.x\.importance_from: no tune run named 'nope'",
+    )
+
+
+def test_importance_run_ok(base):
+    params = C.validate(
+        mutate(base, lambda r: add_run(r, strategy="importance", budget=3, importance_metric="mm_bi", importance_from="all")),
+        "x.yaml",
+    )
+    assert params.tune.runs["x"].importance_from == "all"
+
+
+def test_unknown_importance_metric(base):
+    invalid(
+        mutate(base, lambda r: add_run(r, strategy="importance", importance_metric="zzz", importance_from="all")),
+        r"tune\.runs\.x\.importance_metric",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"profile": "hf"},
+        {"profile": "hf", "vision": "openai/clip-vit-large-patch14-336"},
+        {"profile": "hf", "language_model": "lmsys/vicuna-7b-v1.5"},
+        {"profile": "hf", "vision": "v", "language_model": "l", "checkpoint": "c"},
+    ],
+)
+def test_hf_profile_needs_sources(base, model):
+    invalid(mutate(base, lambda r: r.update(model=model)), r"model: .*profile 'hf' needs either `checkpoint` or both")
+
+
+@pytest.mark.parametrize("model", [{"profile": "hf", "checkpoint": "llava-hf/llava-1.5-7b-hf"},
+                                   {"profile": "hf", "vision": "v", "language_model": "l"}])
+def test_hf_profile_ok(base, model):
+    assert C.validate(mutate(base, lambda r: r.update(model=model)), "x.yaml").model.profile == "hf"
+
+
+@pytest.mark.parametrize("profile", ["tiny", "micro"])
+@pytest.mark.parametrize("key", ["checkpoint", "vision", "language_model"])
+def test_offline_profile_with_sources(base, profile, key):
+    invalid(
+        mutate(base, lambda r: r["model"].update(profile=profile, **{key: "somewhere"})),
+        rf"model: .*profile '{profile}' is built offline",
+    )
+
+
+def test_bad_spec_shape(base):
+    invalid(mutate(base, lambda r: r["model"].update(spec={"image_size": 30})), r"model: .*image_size 30 is not a multiple")
+
+
+def test_spec_override_applies(base):
+    params = C.validate(mutate(base, lambda r: r["model"].update(profile="micro", spec={"lm_layers": 6})), "x.yaml")
+    assert params.model.profile_spec().lm_layers == 6
+
+
+def test_lora_spec_checked(base):
+    invalid(mutate(base, lambda r: r["tune"].update(lora={"r": 0})), r"tune\.lora: .*r and alpha must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def test_not_a_mapping():
+    for raw in (None, [1, 2], "tune"):
+        with pytest.raises(C.ParamsError, match="expected a mapping at the top level"):
+            C.validate(raw, "x.yaml")
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tune: {runs: [\n  - : :\n")
+    with pytest.raises(C.ParamsError, match=rf"params file {re.escape(str(path))} is not valid YAML"):
+        C.load(path)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(C.ParamsError, match=rf"params file {re.escape(str(path))} does not exist"):
+        C.load(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(C.ParamsError, match=r"expected a mapping"):
+        C.load(path)
+
+
+def test_load_error_names_file_and_key(tmp_path, base):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(mutate(base, lambda r: r["tune"]["train"].update(max_steps="abc"))))
+    with pytest.raises(C.ParamsError, match=rf"invalid params in {re.escape(str(path))}:\n  tune\.train\.max_steps"):
+        C.load(path)
+
+
+def test_params_error_is_value_error():
+    assert issubclass(C.ParamsError, ValueError)
