@@ -27,7 +27,7 @@ test: setup
 # Re-resolve requirements.in into requirements.lock (maintainers only; set-up never resolves).
 lock:
 	rm -rf /tmp/vr-lock && $(PYTHON) -m venv /tmp/vr-lock && /tmp/vr-lock/bin/pip install --quiet -r requirements.in
-	/tmp/vr-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock
+	/tmp/vr-lock/bin/pip freeze --all --exclude pip | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock
 
 clean:
 	rm -rf $(VENV)

@@ -16,16 +16,29 @@ MICRO_TEXTS = [
 ] * 4
 
 
-@pytest.fixture(scope="session")
-def micro_dir(tmp_path_factory) -> Path:
-    """A saved micro LLaVA checkpoint (2 layers, hidden 32) with its processor."""
+def build_micro(root: Path, **spec_overrides) -> Path:
+    """Build and save a micro LLaVA (the micro profile with `spec_overrides`) under `root`; returns its directory."""
+    import dataclasses
+
     from pipeline import model as M
 
-    root = tmp_path_factory.mktemp("micro")
-    vision_dir, lm_dir = M.build_offline_parts(M.PROFILES["micro"], MICRO_TEXTS, root, seed=0)
+    spec = dataclasses.replace(M.PROFILES["micro"], **spec_overrides)
+    vision_dir, lm_dir = M.build_offline_parts(spec, MICRO_TEXTS, root, seed=0)
     model, processor = M.compose_llava(str(vision_dir), str(lm_dir))
     M.save_vlm(model, processor, root / "base")
     return root / "base"
+
+
+@pytest.fixture(scope="session")
+def micro_dir(tmp_path_factory) -> Path:
+    """A saved micro LLaVA checkpoint (2 layers, hidden 32) with its processor."""
+    return build_micro(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="session")
+def micro4_dir(tmp_path_factory) -> Path:
+    """The micro LLaVA with 4 decoder layers: room for a region, a pruned layer and a kept one."""
+    return build_micro(tmp_path_factory.mktemp("micro4"), lm_layers=4)
 
 
 @pytest.fixture

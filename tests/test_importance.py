@@ -1,6 +1,5 @@
 """Layer importance: hand-computed token math, NaN safety, true last-layer capture, attention share, param deltas."""
 
-import dataclasses
 import math
 
 import pytest
@@ -10,26 +9,10 @@ from PIL import Image
 from pipeline import importance as I
 from pipeline import model as M
 
-TEXTS = [
-    "USER: <image>\nWhat colour is the circle? ASSISTANT: red",
-    "What shape is the blue object? square triangle circle. How many shapes are there? one two three four",
-    "Is the red circle on the left or the right? left right top bottom yes no hello there hi",
-] * 4
 PROMPTS = [
     "USER: <image>\nWhat colour is the circle? ASSISTANT:",
     "USER: <image>\nHow many shapes are there, and is the red circle on the left or the right? ASSISTANT: two, left",
 ]
-
-
-@pytest.fixture(scope="module")
-def micro4_dir(tmp_path_factory):
-    """A saved micro LLaVA with 4 decoder layers."""
-    root = tmp_path_factory.mktemp("micro4_imp")
-    spec = dataclasses.replace(M.PROFILES["micro"], lm_layers=4)
-    vision_dir, lm_dir = M.build_offline_parts(spec, TEXTS, root, seed=0)
-    model, processor = M.compose_llava(str(vision_dir), str(lm_dir))
-    M.save_vlm(model, processor, root / "base")
-    return root / "base"
 
 
 @pytest.fixture

@@ -10,14 +10,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import MICRO_TEXTS
 from pipeline import model as M
 
-MICRO_TEXTS = [
-    "USER: <image>\nWhat colour is the circle? ASSISTANT: red",
-    "What shape is the blue object? square triangle circle. How many shapes are there? one two three four",
-    "Is the red circle on the left or the right? left right top bottom yes no",
-    "The quick brown fox jumps over the lazy dog. def class return import for while if else",
-] * 4
 PROMPT = "USER: <image>\nWhat colour is the circle? ASSISTANT:"
 
 

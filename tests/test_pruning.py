@@ -1,6 +1,5 @@
 """Region-protected pruning: layer choice, in-place removal (config + layer_idx), export round trip, KV-cache generation."""
 
-import dataclasses
 import json
 import math
 
@@ -11,23 +10,7 @@ from PIL import Image
 from pipeline import model as M
 from pipeline import pruning as P
 
-TEXTS = [
-    "USER: <image>\nWhat colour is the circle? ASSISTANT: red",
-    "What shape is the blue object? square triangle circle. How many shapes are there? one two three four",
-    "Is the red circle on the left or the right? left right top bottom yes no",
-] * 4
 PROMPT = "USER: <image>\nWhat colour is the circle? ASSISTANT:"
-
-
-@pytest.fixture(scope="module")
-def micro4_dir(tmp_path_factory):
-    """A saved micro LLaVA with 4 decoder layers."""
-    root = tmp_path_factory.mktemp("micro4_prune")
-    spec = dataclasses.replace(M.PROFILES["micro"], lm_layers=4)
-    vision_dir, lm_dir = M.build_offline_parts(spec, TEXTS, root, seed=0)
-    model, processor = M.compose_llava(str(vision_dir), str(lm_dir))
-    M.save_vlm(model, processor, root / "base")
-    return root / "base"
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Selective tuning on the micro model: exactly the declared parameters train, frozen ones never move or carry
 optimizer state, LoRA stays out of the vision tower, and merging gives back a plain LLaVA."""
 
-import dataclasses
 import re
 
 import pytest
@@ -12,26 +11,9 @@ from torch import nn
 from pipeline import model as M
 from pipeline import tuning as T
 
-MICRO_TEXTS = [
-    "USER: <image>\nWhat colour is the circle? ASSISTANT: red",
-    "What shape is the blue object? square triangle circle. How many shapes are there? one two three four",
-    "Is the red circle on the left or the right? left right top bottom yes no",
-    "The quick brown fox jumps over the lazy dog. def class return import for while if else",
-] * 4
 PROMPT = "USER: <image>\nWhat colour? ASSISTANT: red"
 LORA = T.LoraSpec(r=4, alpha=8, dropout=0.0)
 LAYER_RE = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
-
-
-@pytest.fixture(scope="module")
-def micro4_dir(tmp_path_factory):
-    """A saved micro LLaVA with 4 decoder layers."""
-    root = tmp_path_factory.mktemp("micro4_tuning")
-    spec = dataclasses.replace(M.PROFILES["micro"], lm_layers=4)
-    vision_dir, lm_dir = M.build_offline_parts(spec, MICRO_TEXTS, root, seed=0)
-    model, processor = M.compose_llava(str(vision_dir), str(lm_dir))
-    M.save_vlm(model, processor, root / "base")
-    return root / "base"
 
 
 @pytest.fixture
