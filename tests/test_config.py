@@ -326,3 +326,20 @@ def test_load_error_names_file_and_key(tmp_path, base):
 
 def test_params_error_is_value_error():
     assert issubclass(C.ParamsError, ValueError)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_params_define_every_key_dvc_tracks(path):
+    """`dvc repro` refuses a stage whose tracked params key is missing from params.yaml."""
+    raw = yaml.safe_load(path.read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        keys = [k for k in body.get("params", []) if isinstance(k, str)]
+        runs = list(raw["tune"]["runs"]) if "foreach" in stage else [None]
+        for run in runs:
+            for key in keys:
+                node = raw
+                for part in key.replace("${key}", str(run)).split("."):
+                    assert isinstance(node, dict) and part in node, f"{path.name}: stage {name} tracks missing key {key}"
+                    node = node[part]
