@@ -1,6 +1,7 @@
 """Stage `summarize`: retention of every run against the `all` baseline, as metrics and a markdown table."""
 
 import json
+import math
 from pathlib import Path
 
 from stages._common import load_params, run
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
             }
             if kind == "tuned":
                 row["train_seconds"] = r["train_seconds"]
-            summary[f"{name}.{kind}"] = row
+            summary[f"{name}.{kind}"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
             lines.append(
                 f"| {name} | {kind} | {row['num_decoder_layers']} | {row['visual_score']:.3f} | {row['visual_retention']:.3f} | "
                 f"{row['text_qa_accuracy']:.3f} | {row['text_retention']:.3f} | {row['text_ppl']:.1f} | "
