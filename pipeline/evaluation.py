@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline import data as D
-from pipeline.training import prompt_text
+from pipeline.model import prompt_text
 
 
 def normalise(text: str) -> str:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model import _unwrap, decoder_layers, image_token_id, text_config
+from pipeline.model import _unwrap, decoder_layers, image_token_id, prompt_text, text_config
 
 EPS = 1e-12
 HIDDEN_METRICS = ("bi", "angular", "bi_image", "bi_text", "mm_bi")
@@ -415,6 +415,19 @@ def param_delta_scores(
     return change, angular
 
 
+def calibration_batches(processor, records, batch_size: int) -> list[dict]:
+    """Image + full conversation (question and answer) as the model saw them in training."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    batches = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        texts = [prompt_text(r["conversations"][0]["value"]) + " " + r["conversations"][1]["value"] for r in chunk]
+        images = [r["image"].convert("RGB") for r in chunk]
+        batches.append(dict(processor(images=images, text=texts, padding=True, return_tensors="pt")))
+    return batches
+
+
 def layer_importance(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -435,6 +448,6 @@ def layer_importance(
 
 __all__ = [
     "EPS", "HIDDEN_METRICS", "METRICS", "PARAM_METRICS", "LayerScores", "angular_distance", "block_influence",
-    "eager_attention", "hidden_state_scores", "image_attention_share", "layer_importance", "layer_weights",
-    "multimodal_bi", "param_delta_scores", "token_cosine", "weight_angular_distance", "weight_change_ratio",
+    "calibration_batches", "eager_attention", "hidden_state_scores", "image_attention_share", "layer_importance",
+    "layer_weights", "multimodal_bi", "param_delta_scores", "token_cosine", "weight_angular_distance", "weight_change_ratio",
 ]

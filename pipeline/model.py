@@ -26,6 +26,10 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 PROMPT_TEMPLATE = "USER: {question} ASSISTANT:"
 
 
+def prompt_text(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question)
+
+
 class ModelStructureError(ValueError):
     """The model has no decoder layer list this project knows how to find."""
 

@@ -28,10 +28,6 @@ IGNORE = -100
 # --------------------------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------------------------
-def prompt_text(question: str) -> str:
-    return M.PROMPT_TEMPLATE.format(question=question)
-
-
 def encode_conversation(
     tokenizer, conversations: list[dict], *, n_image_tokens: int, max_length: int, on_overflow: str, record_id: str
 ) -> tuple[list[int], list[int], bool]:
@@ -47,7 +43,7 @@ def encode_conversation(
         if human.get("from") != "human" or gpt.get("from") != "gpt":
             raise DataError(f"record {record_id}: field 'conversations' turn {k} must be human then gpt")
         question = human["value"].replace(M.IMAGE_TOKEN, M.IMAGE_TOKEN * n_image_tokens)
-        prompt = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(M.prompt_text(question), add_special_tokens=False)["input_ids"]
         answer = tokenizer(" " + gpt["value"].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids += prompt + answer
         labels += [IGNORE] * len(prompt) + answer

@@ -24,6 +24,15 @@ def load_params(path: str = "params.yaml"):
     return params
 
 
+def run_name(argv: list[str], prog: str) -> str:
+    """The `--run NAME` argument of the per-run stages (tune, prune, evaluate)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--run", required=True, help="an entry of tune.runs in params.yaml")
+    return parser.parse_args(argv).run
+
+
 def torch_dtype(name: str):
     import torch
 

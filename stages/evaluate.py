@@ -3,11 +3,10 @@
     python -m stages.evaluate --run uniform25
 """
 
-import argparse
 import json
 from pathlib import Path
 
-from stages._common import load_params, run, torch_dtype
+from stages._common import load_params, run, run_name, torch_dtype
 
 
 def evaluate_model(path: Path, params, visual, text_test, qa) -> dict:
@@ -37,9 +36,7 @@ def evaluate_model(path: Path, params, visual, text_test, qa) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="stages.evaluate")
-    parser.add_argument("--run", required=True)
-    name = parser.parse_args(argv).run
+    name = run_name(argv, "stages.evaluate")
 
     import datasets
 

@@ -5,32 +5,14 @@ gets conventional angular-distance pruning: the paper's comparison.
     python -m stages.prune --run uniform25
 """
 
-import argparse
 import json
 from pathlib import Path
 
-from stages._common import load_params, run, torch_dtype
-
-
-def calibration_batches(processor, records, batch_size: int) -> list[dict]:
-    """Image + full conversation (question and answer) as the model saw them in training."""
-    from pipeline.training import prompt_text
-
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right"
-    batches = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        texts = [prompt_text(r["conversations"][0]["value"]) + " " + r["conversations"][1]["value"] for r in chunk]
-        images = [r["image"].convert("RGB") for r in chunk]
-        batches.append(dict(processor(images=images, text=texts, padding=True, return_tensors="pt")))
-    return batches
+from stages._common import load_params, run, run_name, torch_dtype
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="stages.prune")
-    parser.add_argument("--run", required=True)
-    name = parser.parse_args(argv).run
+    name = run_name(argv, "stages.prune")
 
     import datasets
     from safetensors.torch import load_file
@@ -52,7 +34,8 @@ def main(argv: list[str]) -> None:
     base_state = {}
     for f in sorted(Path("models/projector").glob("*.safetensors")):
         base_state |= load_file(f)
-    scores = importance.layer_importance(model, calibration_batches(processor, calib, cfg.batch_size), base=base_state)
+    batches = importance.calibration_batches(processor, calib, cfg.batch_size)
+    scores = importance.layer_importance(model, batches, base=base_state)
 
     region = selection["layers"]
     protected = [] if len(region) == num_layers else region

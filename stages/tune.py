@@ -3,11 +3,10 @@
     python -m stages.tune --run uniform25
 """
 
-import argparse
 import json
 from pathlib import Path
 
-from stages._common import load_params, run, torch_dtype
+from stages._common import load_params, run, run_name, torch_dtype
 
 
 def resolve_layers(params, name: str, num_layers: int) -> list[int]:
@@ -24,9 +23,7 @@ def resolve_layers(params, name: str, num_layers: int) -> list[int]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="stages.tune")
-    parser.add_argument("--run", required=True)
-    name = parser.parse_args(argv).run
+    name = run_name(argv, "stages.tune")
 
     import datasets
 
