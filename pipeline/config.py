@@ -138,6 +138,9 @@ class TuneRun(_Strict):
 
 class TuneParams(_Strict):
     runs: dict[str, TuneRun]
+    # Runs whose layers are the top-k of another run's per-layer scores (the paper's importance-based selection):
+    # trained after that run has been tuned and scored, hence a group of their own in dvc.yaml.
+    importance_runs: dict[str, TuneRun] = {}
     projector_lr: float = Field(2e-5, gt=0)
     lm_lr: float = Field(2e-4, gt=0)
     embeddings: bool = False
@@ -157,11 +160,42 @@ class TuneParams(_Strict):
             raise ValueError("tune.runs needs an 'all' run: it is the baseline every retention is measured against")
         if runs["all"].strategy != "all":
             raise ValueError(f"tune.runs.all must use strategy 'all' (the full-tuning baseline), got {runs['all'].strategy!r}")
+        for name, run in runs.items():
+            if run.strategy == "importance":
+                raise ValueError(f"{name}: importance-selected runs belong in tune.importance_runs")
         return runs
+
+    @field_validator("importance_runs")
+    @classmethod
+    def _scored(cls, runs):
+        for name, run in runs.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(f"run name {name!r} must match [a-z0-9][a-z0-9_-]*")
+            if run.strategy != "importance":
+                raise ValueError(f"{name}: tune.importance_runs entries need strategy 'importance', got {run.strategy!r}")
+        return runs
+
+    def all_runs(self) -> dict[str, TuneRun]:
+        return self.runs | self.importance_runs
+
+    def run(self, name: str) -> TuneRun:
+        runs = self.all_runs()
+        if name not in runs:
+            raise ValueError(f"--run {name!r}: no such entry in tune.runs or tune.importance_runs (have {sorted(runs)})")
+        return runs[name]
+
+
+class PruningCurveParams(_Strict):
+    """Visual score after removing 1..max_layers layers from each listed run (protected for selective runs,
+    conventional for `all`), for the paper's pruning comparison."""
+
+    runs: list[str] = ["all"]
+    max_layers: int = Field(3, ge=1)
 
 
 class PruneParams(_Strict):
     num_layers: int = Field(2, ge=1)
+    curve: PruningCurveParams = PruningCurveParams()
     metric: Literal["angular", "bi", "mm_bi"] = "angular"
     calibration_samples: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -180,6 +214,18 @@ class MlflowParams(_Strict):
     experiment: str = "visual-region"
 
 
+class RegistryParams(_Strict):
+    """The MLflow model registry (stage `register`): every run's checkpoints of the listed kinds become versions of
+    `<model_name>-<run>[-tuned]` with alias `challenger`; `champion` only when both retentions (score / the `all`
+    run's tuned score) reach their thresholds."""
+
+    enabled: bool = True
+    model_name: str = Field("visual-region", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kinds: list[Literal["pruned", "tuned"]] = Field(["pruned"], min_length=1)
+    min_visual_retention: float = Field(0.9, ge=0, le=1)
+    min_text_retention: float = Field(0.9, ge=0)
+
+
 class Params(_Strict):
     seed: int = 0
     model: ModelParams = ModelParams()
@@ -190,14 +236,19 @@ class Params(_Strict):
     prune: PruneParams = PruneParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    registry: RegistryParams = RegistryParams()
 
     @model_validator(mode="after")
     def _cross(self):
-        for name, run in self.tune.runs.items():
-            if run.strategy == "importance" and run.importance_from not in self.tune.runs:
-                raise ValueError(f"tune.runs.{name}.importance_from: no tune run named {run.importance_from!r}")
-            if run.strategy == "importance" and run.importance_from == name:
-                raise ValueError(f"tune.runs.{name}.importance_from: a run cannot score itself")
+        duplicated = sorted(set(self.tune.runs) & set(self.tune.importance_runs))
+        if duplicated:
+            raise ValueError(f"tune: run names {duplicated} appear in both runs and importance_runs")
+        for name, run in self.tune.importance_runs.items():
+            if run.importance_from not in self.tune.runs:
+                raise ValueError(f"tune.importance_runs.{name}.importance_from: no entry of tune.runs named {run.importance_from!r}")
+        unknown = sorted(set(self.prune.curve.runs) - set(self.tune.all_runs()))
+        if unknown:
+            raise ValueError(f"prune.curve.runs: {unknown} are not tune runs")
         return self
 
 

@@ -49,6 +49,14 @@ def tree_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def pipeline_key(params) -> dict:
+    """What identifies one pipeline run: the code, the data and the params that shape every layer-selection run."""
+    return {
+        "git_commit": git_commit(), "data_hash": tree_hash("data/prepared"), "seed": params.seed,
+        "model": params.model.model_dump_json(), "tune": params.tune.model_dump_json(),
+    }
+
+
 def parent_run_id(mlflow, key_data: dict) -> str:
     explicit = os.environ.get("VR_PIPELINE_RUN_ID")
     if explicit:

@@ -9,17 +9,31 @@ from pathlib import Path
 from stages._common import load_params, run, run_name, torch_dtype
 
 
-def evaluate_model(path: Path, params, visual, text_test, qa) -> dict:
+def evaluation_sets(params) -> dict:
+    """The held-out sets every model is scored on, sized by `evaluate` params."""
+    import datasets
+
+    cfg = params.evaluate
+    visual = datasets.load_from_disk("data/prepared/visual")
+    qa = datasets.load_from_disk("data/prepared/text_qa")
+    return {
+        "vqa": [visual["vqa_test"][i] for i in range(min(cfg.vqa_samples, len(visual["vqa_test"])))],
+        "digits": [visual["digits_test"][i] for i in range(min(cfg.digits_samples, len(visual["digits_test"])))],
+        "text": list(datasets.load_from_disk("data/prepared/text")["test"]["text"])[: cfg.text_ppl_chunks],
+        "text_qa": [qa[i] for i in range(min(cfg.text_qa_samples, len(qa)))],
+    }
+
+
+def evaluate_model(model, processor, params, sets: dict) -> dict:
     from pipeline import evaluation as E, model as M
 
     cfg = params.evaluate
-    model, processor = M.load_vlm(path, dtype=torch_dtype(params.model.dtype))
     timing = E.GenerationTiming()
-    vqa = E.visual_accuracy(model, processor, visual["vqa"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, timing=timing)
-    digits = E.visual_accuracy(model, processor, visual["digits"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, timing=timing)
+    vqa = E.visual_accuracy(model, processor, sets["vqa"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, timing=timing)
+    digits = E.visual_accuracy(model, processor, sets["digits"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, timing=timing)
     tokenizer = processor.tokenizer
-    ppl = E.text_perplexity(model, tokenizer, text_test, batch_size=cfg.batch_size, max_length=params.lm_pretrain.seq_len)
-    text_qa = E.text_qa_accuracy(model, tokenizer, qa, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    ppl = E.text_perplexity(model, tokenizer, sets["text"], batch_size=cfg.batch_size, max_length=params.lm_pretrain.seq_len)
+    text_qa = E.text_qa_accuracy(model, tokenizer, sets["text_qa"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     per_type = vqa["per_type"] | digits["per_type"]
     return {
         "visual_score": sum(per_type.values()) / len(per_type),  # mean over question types, digits included
@@ -38,23 +52,15 @@ def evaluate_model(path: Path, params, visual, text_test, qa) -> dict:
 def main(argv: list[str]) -> None:
     name = run_name(argv, "stages.evaluate")
 
-    import datasets
-
-    from pipeline import tracking
+    from pipeline import model as M, tracking
     from pipeline.storage import atomic_write_json
 
     params = load_params()
-    cfg = params.evaluate
-    visual_ds = datasets.load_from_disk("data/prepared/visual")
-    visual = {
-        "vqa": [visual_ds["vqa_test"][i] for i in range(min(cfg.vqa_samples, len(visual_ds["vqa_test"])))],
-        "digits": [visual_ds["digits_test"][i] for i in range(min(cfg.digits_samples, len(visual_ds["digits_test"])))],
-    }
-    text_test = list(datasets.load_from_disk("data/prepared/text")["test"]["text"])[: cfg.text_ppl_chunks]
-    qa_ds = datasets.load_from_disk("data/prepared/text_qa")
-    qa = [qa_ds[i] for i in range(min(cfg.text_qa_samples, len(qa_ds)))]
-
-    results = {kind: evaluate_model(Path(f"models/{kind}/{name}"), params, visual, text_test, qa) for kind in ("tuned", "pruned")}
+    sets = evaluation_sets(params)
+    results = {}
+    for kind in ("tuned", "pruned"):
+        model, processor = M.load_vlm(Path(f"models/{kind}/{name}"), dtype=torch_dtype(params.model.dtype))
+        results[kind] = evaluate_model(model, processor, params, sets)
     tune_metrics = json.loads(Path(f"metrics/tune/{name}.json").read_text())
     results["tuned"] |= {k: tune_metrics[k] for k in ("train_seconds", "peak_memory_bytes", "trainable_parameters", "optimizer_state_bytes")}
     atomic_write_json(f"metrics/eval/{name}.json", results)

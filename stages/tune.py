@@ -12,12 +12,14 @@ from stages._common import load_params, run, run_name, torch_dtype
 def resolve_layers(params, name: str, num_layers: int) -> list[int]:
     from pipeline.selection import select_layers
 
-    spec = params.tune.runs[name]
+    spec = params.tune.run(name)
     scores = None
     if spec.strategy == "importance":
         path = Path(f"plots/importance/{spec.importance_from}.json")
         if not path.exists():
-            raise FileNotFoundError(f"tune.runs.{name}: importance scores {path} are missing (prune@{spec.importance_from} writes them)")
+            raise FileNotFoundError(
+                f"tune.importance_runs.{name}: importance scores {path} are missing (`dvc repro prune@{spec.importance_from}` writes them)"
+            )
         scores = json.loads(path.read_text())[spec.importance_metric]
     return select_layers(num_layers, spec.strategy, spec.budget, seed=spec.seed, scores=scores)
 
@@ -32,11 +34,10 @@ def main(argv: list[str]) -> None:
     from pipeline.tuning import Trainability
 
     params = load_params()
-    if name not in params.tune.runs:
-        raise ValueError(f"--run {name!r}: no such entry in tune.runs (have {sorted(params.tune.runs)})")
-    spec, cfg = params.tune.runs[name], params.tune
+    spec, cfg = params.tune.run(name), params.tune
     out, ckpt = Path(f"models/tuned/{name}"), Path(f"checkpoints/tune/{name}")
 
+    key = tracking.pipeline_key(params)
     model, processor = M.load_vlm("models/projector", dtype=torch_dtype(params.model.dtype))
     layers = resolve_layers(params, name, M.num_decoder_layers(model))
     trainability = Trainability(
@@ -48,16 +49,14 @@ def main(argv: list[str]) -> None:
         "run": name, "strategy": spec.strategy if isinstance(spec.strategy, str) else "explicit",
         "budget": spec.budget, "layers": ",".join(map(str, layers)), "num_layers": len(layers),
         "language_model": spec.language_model, "projector": spec.projector, "projector_lr": cfg.projector_lr,
-        "lm_lr": cfg.lm_lr, "seed": params.seed, "selection_seed": spec.seed, "max_steps": cfg.train.max_steps,
+        "lm_lr": cfg.lm_lr, "seed": params.seed, "selection_seed": spec.seed,
+        "importance_metric": spec.importance_metric or "", "importance_from": spec.importance_from or "", "max_steps": cfg.train.max_steps,
         "batch_size": cfg.train.batch_size, "lora": json.dumps(cfg.lora.__dict__) if spec.language_model == "lora" else "",
-        "git_commit": tracking.git_commit(), "data_hash": tracking.tree_hash("data/prepared"),
+        "git_commit": key["git_commit"], "data_hash": key["data_hash"],
     }
 
     mlflow = tracking.setup(params.mlflow.experiment)
-    parent = tracking.parent_run_id(mlflow, {
-        "git_commit": run_params["git_commit"], "data_hash": run_params["data_hash"], "seed": params.seed,
-        "model": params.model.model_dump_json(), "tune": params.tune.model_dump_json(),
-    })
+    parent = tracking.parent_run_id(mlflow, key)
     with mlflow.start_run(run_id=parent):
         with mlflow.start_run(run_name=name, nested=True, tags={"vr_kind": "tune", "vr_run": name}) as mlrun:
             mlflow.log_params(tracking.scrub(run_params))

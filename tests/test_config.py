@@ -212,40 +212,69 @@ def test_bad_run_name(base):
     invalid(mutate(base, lambda r: add_run(r, "Bad Name", strategy="top")), r"tune\.runs: .*run name 'Bad Name'")
 
 
+def add_importance_run(raw: dict, name: str = "x", **run) -> None:
+    raw["tune"].setdefault("importance_runs", {})[name] = run
+
+
 def test_importance_run_without_importance_from(base):
     invalid(
-        mutate(base, lambda r: add_run(r, strategy="importance", importance_metric="bi")),
-        r"tune\.runs\.x: .*needs importance_metric and importance_from",
+        mutate(base, lambda r: add_importance_run(r, strategy="importance", importance_metric="bi")),
+        r"tune\.importance_runs\.x: .*needs importance_metric and importance_from",
     )
 
 
 def test_importance_run_without_metric(base):
     invalid(
-        mutate(base, lambda r: add_run(r, strategy="importance", importance_from="all")),
-        r"tune\.runs\.x: .*needs importance_metric and importance_from",
+        mutate(base, lambda r: add_importance_run(r, strategy="importance", importance_from="all")),
+        r"tune\.importance_runs\.x: .*needs importance_metric and importance_from",
     )
 
 
 def test_importance_from_unknown_run(base):
     invalid(
-        mutate(base, lambda r: add_run(r, strategy="importance", importance_metric="bi", importance_from="nope")),
-        r"tune\.runs\.x\.importance_from: no tune run named 'nope'",
+        mutate(base, lambda r: add_importance_run(r, strategy="importance", importance_metric="bi", importance_from="nope")),
+        r"tune\.importance_runs\.x\.importance_from: no entry of tune\.runs named 'nope'",
     )
 
 
 def test_importance_run_ok(base):
     params = C.validate(
-        mutate(base, lambda r: add_run(r, strategy="importance", budget=3, importance_metric="mm_bi", importance_from="all")),
+        mutate(base, lambda r: add_importance_run(r, strategy="importance", budget=3, importance_metric="mm_bi", importance_from="all")),
         "x.yaml",
     )
-    assert params.tune.runs["x"].importance_from == "all"
+    assert params.tune.importance_runs["x"].importance_from == "all"
+    assert params.tune.run("x").importance_metric == "mm_bi" and "x" in params.tune.all_runs()
+
+
+def test_importance_run_in_the_wrong_group(base):
+    invalid(
+        mutate(base, lambda r: add_run(r, strategy="importance", importance_metric="bi", importance_from="all")),
+        r"tune\.runs: .*x: importance-selected runs belong in tune\.importance_runs",
+    )
+    invalid(
+        mutate(base, lambda r: add_importance_run(r, strategy="uniform")),
+        r"tune\.importance_runs: .*x: tune\.importance_runs entries need strategy 'importance'",
+    )
+
+
+def test_run_name_in_both_groups(base):
+    def both(r):
+        add_run(r, "x", strategy="top")
+        add_importance_run(r, "x", strategy="importance", importance_metric="bi", importance_from="all")
+
+    invalid(mutate(base, both), r"run names \['x'\] appear in both")
 
 
 def test_unknown_importance_metric(base):
     invalid(
-        mutate(base, lambda r: add_run(r, strategy="importance", importance_metric="zzz", importance_from="all")),
-        r"tune\.runs\.x\.importance_metric",
+        mutate(base, lambda r: add_importance_run(r, strategy="importance", importance_metric="zzz", importance_from="all")),
+        r"tune\.importance_runs\.x\.importance_metric",
     )
+
+
+def test_pruning_curve_runs_must_exist(base):
+    invalid(mutate(base, lambda r: r["prune"].update(curve={"runs": ["nope"]})), r"prune\.curve\.runs: \['nope'\] are not tune runs")
+    invalid(mutate(base, lambda r: r["prune"].update(curve={"max_layers": 0})), r"prune\.curve\.max_layers")
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -336,10 +365,32 @@ def test_shipped_params_define_every_key_dvc_tracks(path):
     for name, stage in stages.items():
         body = stage.get("do", stage)
         keys = [k for k in body.get("params", []) if isinstance(k, str)]
-        runs = list(raw["tune"]["runs"]) if "foreach" in stage else [None]
+        runs = [None]
+        if "foreach" in stage:  # "${tune.runs}" -> the run names of that group
+            group = raw
+            for part in stage["foreach"].strip("${}").split("."):
+                group = group.get(part) or {}
+            runs = list(group)
         for run in runs:
             for key in keys:
                 node = raw
                 for part in key.replace("${key}", str(run)).split("."):
                     assert isinstance(node, dict) and part in node, f"{path.name}: stage {name} tracks missing key {key}"
                     node = node[part]
+
+
+def test_study_params_are_the_default_plus_the_study_runs():
+    default, study = (yaml.safe_load((ROOT / p).read_text()) for p in ("params.yaml", "params/study.yaml"))
+    for raw in (default, study):
+        raw["tune"].pop("runs"), raw["tune"].pop("importance_runs"), raw["prune"].pop("curve")
+    assert study == default  # regenerate params/study.yaml when params.yaml changes
+
+    params = C.load(ROOT / "params" / "study.yaml")
+    runs = params.tune.runs.values()
+    assert {r.strategy for r in runs} >= {"all", "uniform", "bottom", "lower_middle", "upper_middle", "top", "bottom_top", "random"}
+    assert len({r.seed for r in runs if r.strategy == "random"}) >= 3
+    assert {r.importance_metric for r in params.tune.importance_runs.values()} == {
+        "param_change", "param_angular", "bi", "mm_bi", "image_attention"}
+    num_layers = params.model.profile_spec().lm_layers
+    sweep = {len(select_layers(num_layers, r.strategy, r.budget)) for r in runs if r.strategy in ("uniform", "all")}
+    assert {1, num_layers} <= sweep and len(sweep) >= 6

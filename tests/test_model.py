@@ -302,3 +302,12 @@ def test_profiles_are_valid():
     micro = M.PROFILES["micro"]
     assert micro.lm_layers == 2 and micro.lm_hidden == 32
     assert dataclasses.replace(micro, vision_type="siglip").vision_type == "siglip"
+
+
+def test_offline_vision_tower_position_embeddings_are_not_drowned():
+    """At the default init (std 0.02) a random tower's tokens do not say where they are; ours are rescaled."""
+    tower = M.build_vision_tower(M.PROFILES["micro"], seed=0)
+    (position,) = [m for name, m in tower.named_modules() if name.endswith("position_embedding")]
+    assert abs(float(position.weight.std()) - M.POSITION_EMBEDDING_STD) < 0.1
+    again = M.build_vision_tower(M.PROFILES["micro"], seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(tower.state_dict().values(), again.state_dict().values()))  # seeded

@@ -46,10 +46,10 @@ def workspace(tmp_path_factory):
 
 def test_every_stage_produces_its_outputs(workspace):
     ws, _, first = workspace
-    assert "Running stage 'summarize'" in first.stdout
+    assert "Running stage 'report'" in first.stdout and "Running stage 'pruning_curve'" in first.stdout
     for d in ("data/prepared/visual", "models/base", "models/projector"):
         assert (ws / d).is_dir(), d
-    for run in ("all", "uniform50", "lora_bottom1"):
+    for run in ("all", "uniform50", "lora_bottom1", "bi1"):
         assert list((ws / f"models/tuned/{run}").glob("*.safetensors")), run
         assert list((ws / f"models/pruned/{run}").glob("*.safetensors")), run
         assert (ws / f"metrics/eval/{run}.json").exists()
@@ -75,15 +75,42 @@ def test_selection_and_pruning_follow_params(workspace):
 def test_metrics_and_retention(workspace):
     ws, _, _ = workspace
     summary = json.loads((ws / "metrics/summary.json").read_text())
-    base = summary["all.tuned"]
+    claims = summary.pop("claims")
+    assert set(summary) == {"all", "uniform50", "lora_bottom1", "bi1"}
+    base = summary["all"]
     # retention is score / baseline; undefined (null) when the micro baseline scores 0
     assert base["visual_retention"] == pytest.approx(1.0) if base["visual_score"] > 0 else base["visual_retention"] is None
     for row in summary.values():
-        assert 0.0 <= row["visual_score"] <= 1.0 and row["text_ppl"] > 1.0
+        assert 0.0 <= row["visual_score"] <= 1.0 and row["text_ppl"] > 1.0 and row["train_seconds"] > 0
+    assert all(isinstance(ok, bool) for ok in claims.values())  # micro has no uniform25 run: no claims to check
     ev = json.loads((ws / "metrics/eval/uniform50.json").read_text())
     assert ev["pruned"]["num_decoder_layers"] == ev["tuned"]["num_decoder_layers"] - 1
     assert "digit" in ev["tuned"]["per_type"] and len(ev["tuned"]["per_type"]) >= 3
-    assert "| run |" in (ws / "reports/summary.md").read_text()
+    report = (ws / "reports/summary.md").read_text()
+    assert "| run |" in report and "importance: bi of `all`" in report and "## Pruning curves" in report
+    figures = {p.name for p in (ws / "reports/figures").glob("*.png")}
+    assert {"retention_vs_layers.png", "pruning_curves.png", "importance_all.png"} <= figures
+
+
+def test_importance_run_takes_the_top_scored_layers_of_all(workspace):
+    ws, env, _ = workspace
+    bi = json.loads((ws / "plots/importance/all.json").read_text())["bi"]
+    sel = json.loads((ws / "models/tuned/bi1/selection.json").read_text())
+    assert sel["layers"] == [max(range(len(bi)), key=lambda i: (bi[i], -i))]
+    dag = sh([sys.executable, "-m", "dvc", "dag", "--md", "tune_importance@bi1"], ws, env).stdout
+    assert "prune@all" in dag and "tune@all" in dag
+
+
+def test_pruning_curve_protects_the_region_and_starts_unpruned(workspace):
+    ws, _, _ = workspace
+    curves = json.loads((ws / "metrics/pruning_curve.json").read_text())
+    assert [p["removed_layers"] for p in curves["all"]] == [0, 1, 2]
+    assert [p["removed_layers"] for p in curves["uniform50"]] == [0, 1]  # 2 of 4 layers protected: one can go
+    assert curves["all"][1]["mode"] == "conventional" and curves["uniform50"][1]["mode"] == "protected"
+    assert not set(curves["uniform50"][1]["removed"]) & {1, 3}
+    ev = json.loads((ws / "metrics/eval/all.json").read_text())
+    assert curves["all"][0]["visual_score"] == pytest.approx(ev["tuned"]["visual_score"])
+    assert (ws / "plots/pruning_curve.csv").read_text().startswith("run,removed_layers,visual_score")
 
 
 def test_mlflow_runs_nested_with_exact_layers(workspace):
@@ -96,7 +123,7 @@ def test_mlflow_runs_nested_with_exact_layers(workspace):
     runs = json.loads(sh([sys.executable, "-c", code], ws, env).stdout.strip().splitlines()[-1])
     parents = [r for r in runs if r[1].get("vr_kind") == "pipeline"]
     children = {r[1]["vr_run"]: r for r in runs if r[1].get("vr_kind") == "tune"}
-    assert len(parents) == 1 and set(children) == {"all", "uniform50", "lora_bottom1"}
+    assert len(parents) == 1 and set(children) == {"all", "uniform50", "lora_bottom1", "bi1"}
     assert all(r[1]["mlflow.parentRunId"] == parents[0][0] for r in children.values())
     assert children["uniform50"][2]["layers"] == "1,3" and children["all"][2]["layers"] == "0,1,2,3"
     assert "tuned_visual_score" in children["uniform50"][3] and "train_loss" in children["uniform50"][3]
