@@ -176,6 +176,12 @@ def train(
     if resume:
         log.info("resuming from the latest checkpoint in %s", ckpt_dir)
     cuda = torch.cuda.is_available()
+    if params.gradient_checkpointing:
+        # Enabled here rather than through TrainingArguments, which would also force the input embeddings to require
+        # grad and so run backward through every frozen layer (see tuning.enable_gradient_checkpointing).
+        from pipeline.tuning import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         max_steps=params.max_steps,
@@ -193,8 +199,6 @@ def train(
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=params.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         bf16=params.bf16 and cuda,
         tf32=cuda or None,
         use_cpu=not cuda,
@@ -239,12 +243,14 @@ def train_visual(
     """Stage 1 and stage 2 alike: apply the declared trainability, train on visual conversations, and return
     (a plain model ready to save, with LoRA merged; the training result; the trainability report)."""
     from pipeline.tuning import (
-        apply_trainability, build_optimizer, merge_for_export, optimizer_state_bytes, trainability_report,
+        apply_trainability, build_optimizer, disable_gradient_checkpointing, install_backward_stop, merge_for_export,
+        optimizer_state_bytes, trainability_report,
     )
 
     encoded, truncated = encode_visual_dataset(dataset, processor, max_length=params.max_length, on_overflow=params.on_overflow)
     torch.manual_seed(seed)  # LoRA adapters are initialised from the global RNG
     trainable = apply_trainability(model, trainability)
+    stop = install_backward_stop(trainable)  # no graph below the lowest trainable layer when nothing upstream trains
     report = trainability_report(trainable) | {"truncated_samples": truncated}
     optimizer = build_optimizer(trainable, projector_lr=projector_lr, lm_lr=lm_lr, weight_decay=params.weight_decay)
     collator = VisualCollator(pad_token_id=processor.tokenizer.pad_token_id)
@@ -253,6 +259,9 @@ def train_visual(
         fingerprint=fingerprint,
     )
     report["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+    stop.remove()
+    if params.gradient_checkpointing:
+        disable_gradient_checkpointing(trainable)
     merged = merge_for_export(trainable)
     merged.requires_grad_(False)
     return merged, result, report
