@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test lock clean
+.PHONY: setup repro study test lock clean s3-server mlflow-server prefect-server deploy worker
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ $(VENV)/.installed: requirements.lock
 repro: setup
 	dvc repro
 
+# The tiny study (params/study.yaml: every strategy at 25%, the uniform layer-count sweep, importance-based runs, the
+# pruning curves) as one DVC experiment `tiny-study`, through the Prefect pipeline flow (ephemeral without a server).
+# Results: `dvc exp show`, `dvc exp apply tiny-study` (params.yaml itself goes back to the committed default).
+study: setup
+	python -m flows.pipeline --params-file params/study.yaml --experiment tiny-study --no-pull --no-push
+
 test: setup
 	python -m pytest -q
 
@@ -31,3 +37,30 @@ lock:
 
 clean:
 	rm -rf $(VENV)
+
+# Orchestration and artifacts (README): local services on 127.0.0.1, each in the foreground until Ctrl-C; data in .services/.
+# s3-server needs AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (any values: the local store's only identity).
+S3_PORT ?= 8333
+MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
+POOL ?= gpu
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+
+s3-server: setup
+	python -m flows.services s3 --port $(S3_PORT)
+
+mlflow-server: setup
+	AWS_ENDPOINT_URL_S3=$${AWS_ENDPOINT_URL_S3:-http://127.0.0.1:$(S3_PORT)} python -m flows.services mlflow --port $(MLFLOW_PORT)
+
+prefect-server: setup
+	python -m flows.services prefect --port $(PREFECT_PORT)
+
+# Register prefect.yaml's deployments (work pool $(POOL), process type) with the Prefect server at PREFECT_API_URL.
+deploy: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+		PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool create $(POOL) --type process
+	PREFECT_API_URL=$(PREFECT_API_URL) VR_WORKSPACE=$(CURDIR) prefect deploy --all
+
+# A process worker for pool $(POOL): run it on the GPU machine, in its clone (CUDA_VISIBLE_DEVICES per deployment).
+worker: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) prefect worker start --pool $(POOL) --type process

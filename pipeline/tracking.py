@@ -24,6 +24,9 @@ def setup(experiment: str):
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlruns.db'}"
+    from pipeline.registry import ensure_reachable
+
+    ensure_reachable(uri)  # a down server fails fast, naming it, instead of MLflow's minutes of client retries
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         location = None if "MLFLOW_TRACKING_URI" in os.environ else (REPO / "mlartifacts").as_uri()

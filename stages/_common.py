@@ -39,15 +39,33 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def under_prefect() -> bool:
+    """Stages run as Prefect flows when PREFECT_API_URL is set; VR_PREFECT=0 turns that off, VR_PREFECT=1 forces it
+    (an ephemeral Prefect server without the URL: ~10 s more per stage, so not the default)."""
+    mode = os.environ.get("VR_PREFECT", "").strip().lower()
+    if mode in ("0", "off", "false"):
+        return False
+    return mode in ("1", "on", "true") or bool(os.environ.get("PREFECT_API_URL"))
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """Run a stage: a known error (bad params, bad data, bad model) is one clear line and exit code 2."""
+    """Run a stage: a known error (bad params, bad data, bad model, an unreachable service) is one clear line and
+    exit code 2. Under Prefect (see `under_prefect`) the stage is a flow run (flows/stages.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from pipeline.config import ParamsError
     from pipeline.data import DataError
     from pipeline.model import ModelStructureError
 
+    known: tuple[type[BaseException], ...] = (ParamsError, DataError, ModelStructureError, FileNotFoundError, ValueError)
     try:
-        main(sys.argv[1:])
-    except (ParamsError, DataError, ModelStructureError, FileNotFoundError, ValueError) as err:
+        if under_prefect():
+            from flows.services import ServiceError
+            from flows.stages import run_stage
+
+            known = (*known, ServiceError)
+            run_stage(main, sys.argv[1:], known)
+        else:
+            main(sys.argv[1:])
+    except known as err:
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)

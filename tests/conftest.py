@@ -47,3 +47,39 @@ def micro(micro_dir):
     from pipeline import model as M
 
     return M.load_vlm(micro_dir)
+
+
+# ------------------------------------------------------------------------------------------ real servers on 127.0.0.1
+# Started on first use, once per session, on free ports with their data in tmp dirs; stopped (whole process group)
+# at the end. See flows/services.py and tests/servers.py.
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS with bucket `visual-region`; its only identity is (servers.S3_KEY, servers.S3_SECRET)."""
+    from flows import services
+    from servers import BUCKET, S3_KEY, S3_SECRET
+
+    with services.seaweedfs(tmp_path_factory.mktemp("s3"), port=services.free_port(), buckets=(BUCKET,),
+                            access_key=S3_KEY, secret_key=S3_SECRET) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server):
+    """An MLflow server (sqlite backend + registry) whose artifacts go to s3://visual-region/mlflow."""
+    from flows import services
+    from servers import BUCKET, s3_env
+
+    with services.mlflow_server(tmp_path_factory.mktemp("mlflow"), port=services.free_port(),
+                                artifacts_destination=f"s3://{BUCKET}/mlflow", s3_endpoint=s3_server.url,
+                                env=s3_env(s3_server.url)) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A Prefect API (no UI, no scheduler: deployments' cron schedules create no runs during the tests)."""
+    from flows import services
+
+    with services.prefect_server(tmp_path_factory.mktemp("prefect"), port=services.free_port(), ui=False,
+                                 scheduler=False) as svc:
+        yield svc

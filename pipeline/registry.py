@@ -1,0 +1,211 @@
+"""The MLflow model registry: checkpoints become model versions; promotion is by alias (registry stages are deprecated).
+
+- `register_checkpoint`: log a saved HF checkpoint directory as a pyfunc model (its artifact *is* the directory,
+  copied as files: the model is not loaded to log it), register it as a new version and point `challenger` at it.
+- `gate` / `promote`: `champion` moves to a version only when its visual and text retention (score / the `all` run's
+  tuned score) each reach their threshold; a refused version leaves the current champion where it is.
+- `load`: `models:/<name>@champion` in any process; predict takes rows of (image bytes, question) and answers text.
+
+The model's code travels with it (`code_paths`: this package), so loading needs only the packages, not this repo.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version as package_version
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+log = logging.getLogger(__name__)
+CHALLENGER, CHAMPION = "challenger", "champion"
+FINGERPRINT_TAG = "checkpoint_fingerprint"
+PACKAGE_DIR = Path(__file__).resolve().parent
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "question")]),
+    outputs=Schema([ColSpec("string")]),
+    params=ParamSchema([ParamSpec("max_new_tokens", "long", 16)]),
+)
+REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas", "datasets",
+                "scikit-learn", "pydantic", "pyyaml")
+
+
+class RegistryError(ValueError):
+    """The registry cannot be used as asked; the message names the endpoint, model or version."""
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+class VisionLanguageModel(mlflow.pyfunc.PythonModel):
+    """A pyfunc over a HF LLaVA checkpoint: rows of `image` (encoded bytes: PNG, JPEG, ...) and `question` -> answers."""
+
+    def __init__(self, dtype: str = "float32") -> None:
+        self.dtype = dtype
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from pipeline.model import load_vlm
+
+        self.model, self.processor = load_vlm(context.artifacts["checkpoint"], dtype=getattr(torch, self.dtype))
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
+        import torch
+        from PIL import Image
+
+        from pipeline.evaluation import _generate
+        from pipeline.model import IMAGE_TOKEN, prompt_text
+
+        rows = model_input.to_dict("records")
+        if not rows:
+            return []
+        images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
+        questions = [str(r["question"]) for r in rows]
+        prompts = [prompt_text(q if IMAGE_TOKEN in q else f"{IMAGE_TOKEN}\n{q}") for q in questions]
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"
+        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.model.device)
+        with torch.no_grad():
+            answers, _ = _generate(self.model, inputs, int((params or {}).get("max_new_tokens", 16)), tokenizer)
+        return [a.strip() for a in answers]
+
+
+# ---------------------------------------------------------------------------------------------------- the gate
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    visual_retention: float | None
+    text_retention: float | None
+    reasons: tuple[str, ...] = field(default=())  # why it was refused; empty when it passed
+
+    def summary(self) -> str:
+        return "passed" if self.passed else "refused: " + "; ".join(self.reasons)
+
+
+def _defined(x: float | None) -> bool:
+    return x is not None and not math.isnan(x)
+
+
+def gate(visual_retention: float | None, text_retention: float | None, *, min_visual: float, min_text: float) -> GateDecision:
+    """`champion` needs visual retention >= min_visual and text retention >= min_text. An undefined retention (the
+    baseline scored 0) cannot show that anything was kept, so it refuses."""
+    reasons = []
+    for what, value, floor in (("visual", visual_retention, min_visual), ("text", text_retention, min_text)):
+        if not _defined(value):
+            reasons.append(f"{what} retention is undefined (the `all` baseline scores 0)")
+        elif value < floor:
+            reasons.append(f"{what} retention {value:.3f} < {floor:.3f}")
+    clean = [v if _defined(v) else None for v in (visual_retention, text_retention)]
+    return GateDecision(passed=not reasons, visual_retention=clean[0], text_retention=clean[1], reasons=tuple(reasons))
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+def ensure_reachable(tracking_uri: str | None, *, attempts: int = 3, backoff_s: float = 1.0) -> None:
+    """Fail fast, naming the server, when an HTTP tracking server is down (MLflow's own client would retry for
+    minutes); bounded retries (1 s, 2 s) cover a restart. Local stores (sqlite, files) need no check."""
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (the configured tracking server)
+                if resp.status == 200:
+                    return
+                last = RuntimeError(f"HTTP {resp.status}")
+        except (OSError, urllib.error.URLError) as err:
+            last = err
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s * 2**attempt)
+    raise RegistryError(f"MLflow tracking server {tracking_uri} is unreachable after {attempts} attempts: "
+                        f"{getattr(last, 'reason', last)}")
+
+
+def model_name(base: str, run: str, kind: str) -> str:
+    """One registered model per (run, kind): its versions are that run's checkpoints over time."""
+    return f"{base}-{run}" if kind == "pruned" else f"{base}-{run}-{kind}"
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for pkg in REQUIREMENTS:
+        try:
+            pins.append(f"{pkg}=={package_version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(pkg)
+    return pins
+
+
+def register_checkpoint(checkpoint: str | os.PathLike, name: str, *, run_id: str | None = None, dtype: str = "float32",
+                        tags: dict[str, str] | None = None, fingerprint: str | None = None) -> str:
+    """Log `checkpoint` (a saved HF checkpoint directory) as a pyfunc model in run `run_id` (or a new run of the
+    current experiment), register it as a new version of `name`, alias it `challenger`, and return the version.
+
+    Requirements are given, not inferred (inference would load the model) and no input example is logged (that
+    would run it): logging copies files and nothing more. With a `fingerprint` (a content hash of the checkpoint),
+    a checkpoint that already is the newest version is not uploaded again: that version is returned."""
+    ckpt = Path(checkpoint)
+    if not any(ckpt.glob("*.safetensors")):
+        raise RegistryError(f"checkpoint {ckpt} has no *.safetensors weights: nothing to register")
+    client = mlflow.MlflowClient()
+    if fingerprint is not None:
+        latest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), default=None)
+        if latest is not None and latest.tags.get(FINGERPRINT_TAG) == fingerprint:
+            log.info("%s: version %s already holds %s; not registering it again", name, latest.version, ckpt)
+            client.set_registered_model_alias(name, CHALLENGER, latest.version)
+            return str(latest.version)
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow run %s is not in %s: logging %s under a new run", run_id, mlflow.get_tracking_uri(), name)
+            run_id = None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{name}"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")  # on purpose: see above
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=VisionLanguageModel(dtype), artifacts={"checkpoint": str(ckpt)},
+            code_paths=[str(PACKAGE_DIR)], signature=SIGNATURE, pip_requirements=_requirements(),
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    all_tags = {**(tags or {}), **({FINGERPRINT_TAG: fingerprint} if fingerprint else {})}
+    for key, value in all_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def promote(name: str, version: str, decision: GateDecision) -> bool:
+    """Point `champion` at `version` if the gate passed; record the decision on the version either way."""
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, "gate", decision.summary())
+    if decision.passed:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return decision.passed
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def load(name: str, alias: str = CHAMPION):
+    """The pyfunc model `models:/<name>@<alias>`; a clear error when the alias is not set."""
+    if alias_version(name, alias) is None:
+        raise RegistryError(f"registered model {name!r} has no version with alias {alias!r} at {mlflow.get_tracking_uri()}")
+    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}")

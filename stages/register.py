@@ -1,0 +1,64 @@
+"""Stage `register`: every run's checkpoints (`registry.kinds`) become MLflow model versions with alias `challenger`;
+`champion` moves only through the gate (visual and text retention vs the `all` run's tuned scores). Writes
+`metrics/registry.json`. With `registry.enabled: false` it registers nothing and says so in that file.
+
+    python -m stages.register
+"""
+
+import json
+import os
+from pathlib import Path
+
+from stages._common import load_params, run
+
+
+def _int(version: str | None) -> int | None:
+    return None if version is None else int(version)
+
+
+def main(argv: list[str]) -> None:
+    from pipeline.storage import atomic_write_json
+
+    params = load_params()
+    cfg = params.registry
+    if not cfg.enabled:
+        atomic_write_json("metrics/registry.json", {"enabled": False})
+        return
+
+    from pipeline import registry, tracking
+    from pipeline.evaluation import retention
+
+    registry.ensure_reachable(os.environ.get("MLFLOW_TRACKING_URI"))
+    runs = params.tune.all_runs()
+    evals = {name: json.loads(Path(f"metrics/eval/{name}.json").read_text()) for name in runs}
+    base = evals["all"]["tuned"]
+    mlflow = tracking.setup(params.mlflow.experiment)
+    results: dict = {"enabled": True, "models": {}}
+    for name in runs:
+        selection = json.loads(Path(f"models/tuned/{name}/selection.json").read_text())
+        for kind in cfg.kinds:
+            scores = evals[name][kind]
+            decision = registry.gate(
+                retention(scores["visual_score"], base["visual_score"]),
+                retention(scores["text_qa_accuracy"], base["text_qa_accuracy"]),
+                min_visual=cfg.min_visual_retention, min_text=cfg.min_text_retention,
+            )
+            model = registry.model_name(cfg.model_name, name, kind)
+            checkpoint = f"models/{kind}/{name}"
+            version = registry.register_checkpoint(
+                checkpoint, model, run_id=selection.get("mlflow_run_id"), dtype=params.model.dtype,
+                fingerprint=tracking.tree_hash(checkpoint),
+                tags={"vr_run": name, "vr_kind": kind, "git_commit": tracking.git_commit(),
+                      "visual_retention": decision.visual_retention, "text_retention": decision.text_retention},
+            )
+            registry.promote(model, version, decision)
+            results["models"][f"{name}.{kind}"] = {
+                "model": model, "version": int(version), "champion": _int(registry.alias_version(model, registry.CHAMPION)),
+                "promoted": decision.passed, "gate": decision.summary(),
+                "visual_retention": decision.visual_retention, "text_retention": decision.text_retention,
+            }
+    atomic_write_json("metrics/registry.json", results)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,251 @@
+"""Prefect orchestration against real servers on 127.0.0.1: stages as flow runs, the pipeline flow (lock, S3
+preflight, `dvc exp run -S`, push, summary artifact), and `prefect deploy --all` + a process worker running the
+micro-profile pipeline end to end (S3 remote, MLflow server with S3 artifacts, registry), then a fresh clone +
+`dvc pull` that restores every stage output byte for byte."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from servers import (
+    BUCKET, PY, REPO, S3_KEY, S3_SECRET, base_env, dvc, lock_outputs, make_project_workspace, make_toy_workspace,
+    prefect_api, s3_env, sh, tree_bytes,
+)
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+RUN_OVERRIDES = ["~tune.runs.lora_bottom1", "~tune.importance_runs.bi1"]
+
+
+def flow_runs(api: str, **flow_run_filter) -> list[dict]:
+    return prefect_api(api, "flow_runs/filter", {"flow_runs": flow_run_filter, "limit": 200})
+
+
+def flow_names(api: str, runs: list[dict]) -> dict[str, str]:
+    ids = sorted({r["flow_id"] for r in runs})
+    return {f["id"]: f["name"] for f in prefect_api(api, "flows/filter", {"flows": {"id": {"any_": ids}}})}
+
+
+def code_copy(tmp: Path) -> Path:
+    """The project's code without data: enough to run a stage that fails early or writes a small file."""
+    ws = tmp / "code"
+    for name in ("flows", "pipeline", "stages", "params"):
+        shutil.copytree(REPO / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return ws
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+def test_stage_with_the_prefect_api_down_is_a_clear_error_and_runs_plain_without_it(tmp_path):
+    from flows.services import free_port
+
+    ws = code_copy(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "params" / "micro.yaml").read_text().replace("budget: 0.5", "budget: 1.5"))
+    api = f"http://127.0.0.1:{free_port()}/api"
+    env = base_env(tmp_path, PREFECT_API_URL=api, VR_PARAMS=str(bad))
+    down = sh([PY, "-m", "stages.tune", "--run", "uniform50"], ws, env, check=False, timeout=120)
+    assert down.returncode == 2 and "Traceback" not in down.stderr
+    assert f"Prefect API (PREFECT_API_URL) at {api}/health is unreachable after 3 attempts" in down.stderr
+    assert "unset PREFECT_API_URL" in down.stderr
+    # VR_PREFECT=0: the same stage runs plain and fails on what it should, the bad params
+    plain = sh([PY, "-m", "stages.tune", "--run", "uniform50"], ws, {**env, "VR_PREFECT": "0"}, check=False, timeout=120)
+    assert plain.returncode == 2 and "tune.runs.uniform50.budget" in plain.stderr and "Prefect API" not in plain.stderr
+
+
+def test_stages_are_flow_runs_and_known_errors_still_exit_2(tmp_path, prefect_server):
+    api = f"{prefect_server.url}/api"
+    ws = code_copy(tmp_path)
+    params = (REPO / "params" / "micro.yaml").read_text().replace("registry: {enabled: true,", "registry: {enabled: false,")
+    (ws / "params.yaml").write_text(params)
+    env = base_env(tmp_path, PREFECT_API_URL=api)
+    ok = sh([PY, "-m", "stages.register"], ws, env, timeout=180)
+    assert json.loads((ws / "metrics" / "registry.json").read_text()) == {"enabled": False}
+    assert "Finished in state Completed()" in ok.stderr
+
+    (ws / "params.yaml").write_text(params.replace("budget: 0.5", "budget: 1.5"))
+    bad = sh([PY, "-m", "stages.tune", "--run", "uniform50"], ws, env, check=False, timeout=180)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "tune.runs.uniform50.budget" in bad.stderr
+
+    runs = flow_runs(api, name={"any_": ["register", "tune@uniform50"]})
+    names = flow_names(api, runs)
+    got = {(names[r["flow_id"]], r["name"]): r for r in runs}
+    assert got[("register", "register")]["state_type"] == "COMPLETED"
+    failed = got[("tune", "tune@uniform50")]
+    assert failed["state_type"] == "FAILED" and "tune.runs.uniform50.budget" in failed["state"]["message"]
+    assert "dvc-stage" in failed["tags"] and "stage:tune" in failed["tags"]
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline flow
+def test_workspace_lock_admits_one_run(tmp_path):
+    from flows.pipeline import WorkspaceBusy, workspace_lock
+
+    with workspace_lock(tmp_path):
+        with pytest.raises(WorkspaceBusy, match=rf"workspace {tmp_path} is busy: another pipeline run holds .*pid {os.getpid()}"):
+            with workspace_lock(tmp_path):
+                pass
+    with workspace_lock(tmp_path):  # released on exit
+        pass
+
+
+def test_only_transient_failures_are_retried():
+    from prefect.states import Failed
+
+    from flows.pipeline import PipelineError, TransientError, _retry_if_transient, check_endpoints, dvc_pull, dvc_push
+
+    assert _retry_if_transient(None, None, Failed(data=TransientError("S3 endpoint http://x is unreachable")))
+    assert not _retry_if_transient(None, None, Failed(data=PipelineError("bucket 'b' does not exist")))
+    for t in (check_endpoints, dvc_pull, dvc_push):
+        assert t.retries == 2 and t.retry_condition_fn is _retry_if_transient
+
+
+@pytest.fixture(scope="module")
+def toy_env(tmp_path_factory, prefect_server, s3_server):
+    tmp = tmp_path_factory.mktemp("flowtoy")
+    return tmp, base_env(tmp, **s3_env(s3_server.url), PREFECT_API_URL=f"{prefect_server.url}/api", PYTHONPATH=str(REPO))
+
+
+def test_pipeline_flow_exp_run_with_overrides_push_and_summary(toy_env, s3_server, prefect_server):
+    from flows.pipeline import ARTIFACT_KEY
+    from flows.services import s3_client
+
+    tmp, env = toy_env
+    prefix = f"toy-{uuid.uuid4().hex[:8]}"
+    ws = make_toy_workspace(tmp / "ws", env, f"s3://{BUCKET}/{prefix}")
+    proc = sh([PY, "-m", "flows.pipeline", "--workspace", str(ws), "-S", "nbytes=2000", "--experiment", "nbytes2000"],
+              tmp, env, timeout=600)
+    assert "dvc exp run --name nbytes2000 -S nbytes=2000" in proc.stderr + proc.stdout
+    assert json.loads((ws / "metrics" / "toy.json").read_text()) == {"nbytes": 2000}
+    assert len((ws / "out" / "blob.bin").read_bytes()) == 2000
+    assert "nbytes2000" in dvc(ws, env, "exp", "list", "--name-only").stdout
+    keys = [o["Key"] for o in s3_client(s3_server.url, S3_KEY, S3_SECRET).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+    assert len(keys) == 5  # the directory's manifest + 4 files
+    api = f"{prefect_server.url}/api"
+    art = prefect_api(api, "artifacts/filter", {"artifacts": {"key": {"any_": [ARTIFACT_KEY]}}, "sort": "CREATED_DESC"})[0]
+    assert art["type"] == "markdown" and f"`{ws}`" in art["data"] and "nbytes=2000" in art["data"]
+
+    # the next run starts from the committed params again, not from the experiment's
+    sh([PY, "-m", "flows.pipeline", "--workspace", str(ws), "--no-pull", "--no-push"], tmp, env, timeout=600)
+    assert json.loads((ws / "metrics" / "toy.json").read_text()) == {"nbytes": 4096}
+    (kept,) = (ws / ".dvc" / "tmp").glob("params.yaml.*")
+    assert "nbytes: 2000" in kept.read_text()
+
+
+def test_pipeline_flow_refuses_a_busy_workspace_and_a_missing_bucket(toy_env):
+    from flows.pipeline import workspace_lock
+
+    tmp, env = toy_env
+    ws = make_toy_workspace(tmp / "ws-faults", env, "s3://vr-no-such-bucket/dvc")
+    with workspace_lock(ws):
+        busy = sh([PY, "-m", "flows.pipeline", "--workspace", str(ws)], tmp, env, check=False, timeout=300)
+    assert busy.returncode == 2 and f"error: workspace {ws} is busy" in busy.stderr
+    t0 = time.monotonic()
+    missing = sh([PY, "-m", "flows.pipeline", "--workspace", str(ws)], tmp, env, check=False, timeout=300)
+    assert missing.returncode == 2 and "bucket 'vr-no-such-bucket' does not exist" in missing.stderr
+    assert env["AWS_ENDPOINT_URL_S3"] in missing.stderr and S3_SECRET not in missing.stderr + missing.stdout
+    assert time.monotonic() - t0 < 60  # a missing bucket is not retried
+    assert not (ws / "out").exists()  # nothing ran
+
+
+# ---------------------------------------------------------------------------------------------------- deployments
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, prefect_server, s3_server, mlflow_server):
+    """`prefect deploy --all` from a project clone, a process worker on pool `gpu`, one run of `micro-smoke`."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    api = f"{prefect_server.url}/api"
+    prefix = f"micro-{uuid.uuid4().hex[:8]}"
+    env = base_env(tmp, **s3_env(s3_server.url), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=mlflow_server.url,
+                   PREFECT_CLI_PROMPT="false", PREFECT_WORKER_QUERY_SECONDS="2")
+    ws = make_project_workspace(tmp / "ws", env, f"s3://{BUCKET}/{prefix}")
+    sh([PY, "-m", "prefect", "work-pool", "create", "gpu", "--type", "process"], ws, env, timeout=120)
+    sh([PY, "-m", "prefect", "deploy", "--all"], ws, {**env, "VR_WORKSPACE": str(ws)}, timeout=300)
+
+    log = (tmp / "worker.log").open("w")
+    worker = subprocess.Popen([PY, "-m", "prefect", "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
+                              cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        dep = prefect_api(api, "deployments/name/visual-region-pipeline/micro-smoke")
+        # parameters given at trigger time, as from the UI: two of the micro profile's four runs keep it short
+        run = prefect_api(api, f"deployments/{dep['id']}/create_flow_run", {"parameters": {"overrides": RUN_OVERRIDES}})
+        deadline = time.monotonic() + 1500
+        while (run := prefect_api(api, f"flow_runs/{run['id']}"))["state_type"] not in TERMINAL:
+            assert worker.poll() is None, (tmp / "worker.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, "the micro pipeline did not finish in 25 minutes"
+            time.sleep(3)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        log.close()
+    assert run["state_type"] == "COMPLETED", (run["state"], (tmp / "worker.log").read_text()[-8000:])
+    return {"ws": ws, "env": env, "api": api, "run": run}
+
+
+def test_deploy_all_registers_the_deployments_on_the_gpu_pool(deployed):
+    api, ws = deployed["api"], deployed["ws"]
+    deps = {d["name"]: d for d in prefect_api(api, "deployments/filter", {})}
+    assert {"nightly", "experiment", "micro-smoke"} <= set(deps)
+    nightly = deps["nightly"]
+    assert nightly["work_pool_name"] == "gpu" and nightly["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert nightly["parameters"]["params_file"] == "params.yaml"
+    assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ws)}}]
+    assert deps["experiment"]["parameters"]["overrides"]
+    assert prefect_api(api, "work_pools/gpu")["type"] == "process"
+
+
+def test_worker_ran_every_stage_as_a_flow_run_of_the_pipeline_run(deployed):
+    api, run = deployed["api"], deployed["run"]
+    stages = flow_runs(api, tags={"all_": [f"pipeline-run:{run['id']}"]})
+    names = flow_names(api, stages)
+    done = {(names[r["flow_id"]], r["name"]) for r in stages if r["state_type"] == "COMPLETED"}
+    assert len(done) == len(stages), [(r["name"], r["state_type"]) for r in stages]
+    for expected in [("prepare", "prepare"), ("tune", "tune@uniform50"), ("prune", "prune@all"), ("register", "register")]:
+        assert expected in done, sorted(done)
+
+
+def test_summary_artifact_links_mlflow_and_lists_the_registry(deployed):
+    from flows.pipeline import ARTIFACT_KEY
+
+    api, run = deployed["api"], deployed["run"]
+    arts = prefect_api(api, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    (art,) = [a for a in arts if a["key"] == ARTIFACT_KEY]
+    md = art["data"]
+    assert "`dvc exp run -S ~tune.runs.lora_bottom1 -S ~tune.importance_runs.bi1`" in md
+    assert "outputs pushed to the DVC remote: yes" in md
+    assert "## MLflow runs" in md and f"{deployed['env']['MLFLOW_TRACKING_URI']}/#/experiments/" in md
+    assert "## Model registry" in md and "visual-region-micro-uniform50" in md
+
+
+def test_registered_versions_live_on_the_mlflow_server_with_s3_artifacts(deployed, s3_server):
+    import mlflow
+
+    from flows.services import s3_client
+
+    client = mlflow.MlflowClient(deployed["env"]["MLFLOW_TRACKING_URI"])
+    registry = json.loads((deployed["ws"] / "metrics" / "registry.json").read_text())
+    assert registry["enabled"] and set(registry["models"]) == {"all.pruned", "uniform50.pruned"}
+    for entry in registry["models"].values():
+        assert client.get_model_version_by_alias(entry["model"], "challenger").version == str(entry["version"])
+    keys = [o["Key"] for page in s3_client(s3_server.url, S3_KEY, S3_SECRET).get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix="mlflow/") for o in page.get("Contents", [])]
+    assert sum(k.endswith(".safetensors") for k in keys) >= 2
+
+
+def test_fresh_clone_and_dvc_pull_restore_every_stage_output(deployed, tmp_path):
+    ws, env = deployed["ws"], deployed["env"]
+    sh(["git", "add", "-A"], ws, env)
+    sh(["git", "commit", "-qm", "micro-smoke results"], ws, env)
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(ws), str(clone)], tmp_path, env)
+    dvc(clone, env, "pull")
+    outputs = lock_outputs(clone)
+    assert {"data/prepared", "models/base", "models/projector", "models/pruned/uniform50", "metrics/registry.json"} <= set(outputs)
+    for path in outputs:
+        assert tree_bytes(clone / path) == tree_bytes(ws / path), path
+    assert "up to date" in dvc(clone, env, "status").stdout

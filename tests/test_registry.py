@@ -1,0 +1,152 @@
+"""The MLflow registry: the promotion gate both ways, registration of a checkpoint directory on an MLflow server whose
+artifacts live in S3, champion by alias loaded in a fresh process answering a question about an image, and a
+tracking server that is down."""
+
+import io
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+
+from servers import BUCKET, PY, REPO, S3_KEY, S3_SECRET, base_env, sh
+
+
+# ---------------------------------------------------------------------------------------------------- the gate
+def test_gate_passes_when_both_retentions_reach_their_thresholds():
+    from pipeline.registry import gate
+
+    d = gate(0.95, 1.3, min_visual=0.9, min_text=0.9)
+    assert d.passed and d.reasons == () and d.summary() == "passed"
+    assert gate(0.9, 0.9, min_visual=0.9, min_text=0.9).passed  # the threshold itself passes
+
+
+@pytest.mark.parametrize(
+    "visual, text, why",
+    [
+        (0.85, 1.0, "visual retention 0.850 < 0.900"),
+        (1.0, 0.5, "text retention 0.500 < 0.900"),
+        (float("nan"), 1.0, "visual retention is undefined"),
+        (1.0, None, "text retention is undefined"),
+    ],
+)
+def test_gate_refuses_naming_the_reason(visual, text, why):
+    from pipeline.registry import gate
+
+    d = gate(visual, text, min_visual=0.9, min_text=0.9)
+    assert not d.passed and any(why in r for r in d.reasons), d.reasons
+    assert d.summary().startswith("refused: ")
+    assert d.visual_retention is None or not math.isnan(d.visual_retention)  # JSON-safe
+
+
+def test_model_names_one_registered_model_per_run_and_kind():
+    from pipeline.registry import model_name
+
+    assert model_name("vr", "uniform25", "pruned") == "vr-uniform25"
+    assert model_name("vr", "uniform25", "tuned") == "vr-uniform25-tuned"
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+@pytest.fixture
+def tracking(mlflow_server, s3_server):
+    """This process talks to the test's MLflow server; the previous tracking URI comes back afterwards."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.url)
+    yield mlflow
+    mlflow.set_tracking_uri(previous)
+
+
+def png(color: str = "red") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_register_promote_and_load_champion_in_a_fresh_process(tracking, micro4_dir, s3_server, mlflow_server, tmp_path):
+    from flows.services import s3_client
+    from pipeline import registry as R
+
+    mlflow = tracking
+    name = f"vr-test-{int(time.time() * 1000)}"
+    mlflow.set_experiment("vr-registry-test")
+
+    v1 = R.register_checkpoint(micro4_dir, name, tags={"vr_run": "uniform50", "vr_kind": "pruned"})
+    assert R.alias_version(name, R.CHALLENGER) == v1 and R.alias_version(name, R.CHAMPION) is None
+    assert R.promote(name, v1, R.gate(0.97, 1.1, min_visual=0.9, min_text=0.9))
+    assert R.alias_version(name, R.CHAMPION) == v1
+
+    # A worse checkpoint: challenger moves to it, the gate refuses, champion stays where it was.
+    v2 = R.register_checkpoint(micro4_dir, name)
+    assert not R.promote(name, v2, R.gate(0.5, 1.1, min_visual=0.9, min_text=0.9))
+    assert (R.alias_version(name, R.CHALLENGER), R.alias_version(name, R.CHAMPION)) == (v2, v1)
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(name, v2).tags["gate"].startswith("refused: visual retention 0.500")
+    assert client.get_model_version(name, v1).tags["vr_run"] == "uniform50"
+
+    # The checkpoint went to S3 through the server's artifact proxy: its weights are objects in the bucket.
+    keys = [o["Key"] for page in s3_client(s3_server.url, S3_KEY, S3_SECRET).get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix="mlflow/") for o in page.get("Contents", [])]
+    assert any(k.endswith("artifacts/checkpoint/model.safetensors") or k.endswith(".safetensors") for k in keys), keys[:20]
+
+    # models:/<name>@champion in a fresh process, run from an empty directory: the model's code travels with it.
+    (tmp_path / "image.png").write_bytes(png())
+    code = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
+        "image = open('image.png', 'rb').read()\n"
+        "out = m.predict(pd.DataFrame({'image': [image, image], 'question': ['What colour is the shape?', "
+        "'How many shapes are there?']}), params={'max_new_tokens': 3})\n"
+        "print('ANSWERS=' + json.dumps(out))\n"
+    )
+    env = base_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server.url)
+    proc = sh([PY, "-c", code], tmp_path, env, timeout=300)
+    answers = json.loads(proc.stdout.split("ANSWERS=")[-1])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_an_unchanged_checkpoint_is_not_registered_again(tracking, micro4_dir):
+    from pipeline import registry as R
+
+    name = f"vr-fp-{int(time.time() * 1000)}"
+    tracking.set_experiment("vr-registry-test")
+    v1 = R.register_checkpoint(micro4_dir, name, fingerprint="aaaa")
+    assert R.register_checkpoint(micro4_dir, name, fingerprint="aaaa") == v1  # the stage re-ran, the weights did not change
+    v2 = R.register_checkpoint(micro4_dir, name, fingerprint="bbbb")
+    assert v2 != v1 and R.alias_version(name, R.CHALLENGER) == v2
+
+
+def test_load_without_champion_is_a_clear_error(tracking):
+    from pipeline import registry as R
+
+    with pytest.raises(R.RegistryError, match="no version with alias 'champion'"):
+        R.load("vr-no-such-model")
+
+
+def test_register_refuses_a_directory_without_weights(tracking, tmp_path):
+    from pipeline import registry as R
+
+    with pytest.raises(R.RegistryError, match=r"has no \*\.safetensors weights"):
+        R.register_checkpoint(tmp_path, "vr-empty")
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+def test_tracking_server_down_is_a_clear_bounded_error(tmp_path):
+    """The register stage with MLFLOW_TRACKING_URI on a closed port: one line naming the server, exit 2, in
+    seconds (bounded retries), not MLflow's minutes of client retries."""
+    from flows.services import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "metrics").mkdir()
+    env = base_env(tmp_path, MLFLOW_TRACKING_URI=url, PYTHONPATH=str(REPO), VR_PARAMS=str(REPO / "params" / "micro.yaml"))
+    t0 = time.monotonic()
+    proc = subprocess.run([PY, "-m", "stages.register"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"MLflow tracking server {url} is unreachable after 3 attempts" in proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
+    assert not (tmp_path / "metrics" / "registry.json").exists()
