@@ -59,10 +59,32 @@ class ModelParams(_Strict):
         return dataclasses.replace(PROFILES[self.profile], **self.spec)
 
 
+class DistributedParams(_Strict):
+    """How training is spread over the processes of a multi-process launch (`torchrun` / `accelerate launch`, see
+    pipeline/distributed.py and docs/multi-gpu.md); ignored in a single process."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    find_unused_parameters: bool = False  # ddp: every trainable parameter is used in every step
+    fsdp_wrap: list[str] | None = None  # fsdp: module classes sharded as units; null: the decoder (+ vision) layer class
+    fsdp_reshard_after_forward: bool = True  # fsdp: True = full_shard (ZeRO-3), False = shard_grad_op (ZeRO-2)
+    fsdp_cpu_offload: bool = False
+    deepspeed_config: str | None = None  # deepspeed: path to a DeepSpeed JSON config (e.g. configs/deepspeed/zero3.json)
+    timeout_s: int = Field(1800, ge=60)  # collectives, including the wait for rank 0 to write the outputs
+
+    @model_validator(mode="after")
+    def _deepspeed(self):
+        if (self.strategy == "deepspeed") != (self.deepspeed_config is not None):
+            raise ValueError("deepspeed_config is needed with strategy 'deepspeed', and only with it")
+        return self
+
+
 class TrainParams(_Strict):
     max_steps: int = Field(200, ge=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # per process (per GPU)
     grad_accum: int = Field(1, ge=1)
+    # Samples per optimizer step over all processes: grad_accum = global_batch_size / (batch_size x processes), so
+    # the same params give the same schedule on 1 or N GPUs. null: grad_accum as given (global = batch x accum x N).
+    global_batch_size: int | None = Field(None, ge=1)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(128, ge=8)
@@ -71,6 +93,28 @@ class TrainParams(_Strict):
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(10, ge=1)
     bf16: bool = False  # GPU only
+    distributed: DistributedParams = DistributedParams()
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.global_batch_size is not None:
+            if self.grad_accum != 1:
+                raise ValueError("set grad_accum or global_batch_size, not both (grad_accum is derived from it)")
+            if self.global_batch_size % self.batch_size:
+                raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size {self.batch_size}")
+        return self
+
+    def grad_accum_for(self, processes: int) -> int:
+        """Gradient accumulation steps on `processes` processes (see global_batch_size)."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_step = self.batch_size * processes
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of batch_size {self.batch_size} x "
+                f"{processes} processes; change batch_size or the number of processes"
+            )
+        return self.global_batch_size // per_step
 
 
 class LMPretrainParams(_Strict):

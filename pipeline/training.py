@@ -9,6 +9,7 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,9 @@ class TrainResult:
     peak_memory_bytes: int
     loss_history: list[dict] = field(default_factory=list)
     final_loss: float = float("nan")
+    # Set when the model was sharded (FSDP / DeepSpeed ZeRO-3): the trained weights, gathered whole on rank 0 (CPU);
+    # {} on the other ranks. None otherwise: the model passed to `train` then holds them.
+    full_state_dict: dict | None = field(default=None, repr=False)
 
 
 def peak_memory_bytes() -> int:
@@ -143,7 +147,8 @@ def peak_memory_bytes() -> int:
 
 
 def _prepare_checkpoint_dir(ckpt_dir: Path, fingerprint: dict) -> bool:
-    """Keep checkpoints only if they were written for the same run configuration; returns True to resume."""
+    """Keep checkpoints only if they were written for the same run configuration; returns True to resume.
+    Rank 0 only under a multi-process launch (see `train`)."""
     stamp = ckpt_dir / "fingerprint.json"
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
     if ckpt_dir.exists():
@@ -168,13 +173,17 @@ def train(
     fingerprint: dict,
 ) -> TrainResult:
     """Run the transformers Trainer with our optimizer (trainable parameters only), resuming from the latest
-    checkpoint in `ckpt_dir` when it was written for the same `fingerprint`."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    checkpoint in `ckpt_dir` when it was written for the same `fingerprint`.
+
+    Under a multi-process launch (pipeline/distributed.py) every rank calls this; the Trainer sets up the process
+    group and the DDP / FSDP / DeepSpeed wrapping from `params.distributed`, rank 0 alone prepares `ckpt_dir` and
+    writes the checkpoints, and every rank resumes from the same one. After a sharded run the trained weights are
+    returned gathered in `TrainResult.full_state_dict` (the model object itself is left sharded)."""
+    from transformers import TrainingArguments, set_seed
+
+    from pipeline import distributed as D
 
     set_seed(seed)
-    resume = _prepare_checkpoint_dir(Path(ckpt_dir), fingerprint)
-    if resume:
-        log.info("resuming from the latest checkpoint in %s", ckpt_dir)
     cuda = torch.cuda.is_available()
     if params.gradient_checkpointing:
         # Enabled here rather than through TrainingArguments, which would also force the input embeddings to require
@@ -186,7 +195,7 @@ def train(
         output_dir=str(ckpt_dir),
         max_steps=params.max_steps,
         per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum,
+        gradient_accumulation_steps=params.grad_accum_for(D.world_size()),
         warmup_steps=max(0, round(params.warmup_ratio * params.max_steps)),
         lr_scheduler_type="cosine",
         weight_decay=params.weight_decay,
@@ -203,11 +212,24 @@ def train(
         tf32=cuda or None,
         use_cpu=not cuda,
         disable_tqdm=False,
+        **D.trainer_kwargs(params.distributed, model),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None))
+    _ = args.device  # sets up the process group under a multi-process launch (no-op otherwise)
+    resume = _prepare_checkpoint_dir(Path(ckpt_dir), fingerprint) if D.is_main() else None
+    resume = D.broadcast_from_main(resume)  # rank 0 decided (and cleaned up); every rank resumes alike
+    if resume:
+        log.info("resuming from the latest checkpoint in %s", ckpt_dir)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, own_optimizer=optimizer
+    )
+    if D.is_distributed() and params.distributed.strategy == "fsdp" and not trainer.is_fsdp_enabled:
+        raise ValueError(  # accelerate silently falls back to DDP where it has no FSDP (on CPU processes)
+            "distributed.strategy 'fsdp' needs GPUs (accelerate shards only on accelerators); use 'ddp' on CPU"
+        )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - start
+    full_state = _gather_full_state(trainer) if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else None
     history = [
         {"step": int(h["step"]), "loss": float(h["loss"]), "lr": float(h.get("learning_rate", 0.0))}
         for h in trainer.state.log_history
@@ -219,7 +241,94 @@ def train(
         peak_memory_bytes=peak_memory_bytes(),
         loss_history=history,
         final_loss=history[-1]["loss"] if history else float("nan"),
+        full_state_dict=full_state,
     )
+
+
+def _gather_full_state(trainer) -> dict:
+    """The trained weights of a sharded model, whole, on rank 0 (CPU); {} elsewhere. Collective: every rank calls it.
+    FSDP2: each parameter is a DTensor shard, gathered one at a time (peak extra memory: one full parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    from pipeline import distributed as D
+
+    state = trainer.model_wrapped.state_dict() if trainer.is_fsdp_enabled else {}
+    if any(isinstance(v, DTensor) for v in state.values()):  # FSDP2
+        full = {}
+        for name, value in state.items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            if D.is_main():
+                full[name] = value.detach().to("cpu", copy=True)
+        return full
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # DeepSpeed ZeRO-3 (16-bit gather), FSDP1
+    if trainer.is_deepspeed_enabled:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # else rank 0's `reload` (train_visual) would load under zero.Init, alone
+    return state if D.is_main() else {}
+
+
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class OwnOptimizerTrainer(Trainer):
+        """The Trainer with our optimizer (trainable parameters only, per-component learning rates), handed over
+        through `create_optimizer`: FSDP and DeepSpeed refuse `optimizers=` but ask for it there (FSDP2 and
+        DeepSpeed re-point it at their sharded parameters); in one process or under DDP it is the same object.
+
+        Checkpoints of an unsharded model hold its trainable parameters only, under their in-memory names
+        (`trainable.safetensors`): frozen ones never change, so these restore the training state exactly. The
+        Trainer's own format does not round-trip here: it saves LLaVA with transformers' original-format key names
+        and loads them back with strict=False, so nothing matched and a resumed run silently restarted from the
+        untrained weights; for a peft model it saved the adapters but not the trainable projector. FSDP and
+        DeepSpeed keep their own (sharded) checkpoints, which use the in-memory names."""
+
+        def __init__(self, *args, own_optimizer: torch.optim.Optimizer, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._own_optimizer = own_optimizer
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = self._own_optimizer
+            return self.optimizer
+
+        def _sharded(self) -> bool:
+            return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if self._sharded():
+                return super()._save(output_dir, state_dict=state_dict)
+            if not self.args.should_save:  # rank 0 writes
+                return
+            from safetensors.torch import save_file
+
+            out = Path(output_dir if output_dir is not None else self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      str(out / TRAINABLE_WEIGHTS))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
+            if self._sharded() or not path.exists():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            from safetensors.torch import load_file
+
+            model = self.accelerator.unwrap_model(model if model is not None else self.model)
+            state = load_file(str(path))
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(state) != trainable:
+                raise ValueError(
+                    f"checkpoint {path} does not hold exactly the trainable parameters: missing "
+                    f"{sorted(trainable - set(state))[:3]}, unexpected {sorted(set(state) - trainable)[:3]}"
+                )
+            model.load_state_dict(state, strict=False)  # exactly the trainable ones (checked above)
+
+    return OwnOptimizerTrainer
 
 
 def finish(ckpt_dir: Path) -> None:
@@ -239,9 +348,14 @@ def train_visual(
     ckpt_dir: Path,
     seed: int,
     fingerprint: dict,
-) -> tuple[nn.Module, TrainResult, dict]:
+    reload: Callable[[], nn.Module] | None = None,
+) -> tuple[nn.Module | None, TrainResult, dict]:
     """Stage 1 and stage 2 alike: apply the declared trainability, train on visual conversations, and return
-    (a plain model ready to save, with LoRA merged; the training result; the trainability report)."""
+    (a plain model ready to save, with LoRA merged; the training result; the trainability report).
+
+    After a sharded run (FSDP / ZeRO-3, see `train`) `model` is left sharded: rank 0 builds the returned model from
+    `reload()` (a fresh copy of the untrained model, e.g. loaded again from disk) and the gathered weights, and the
+    other ranks get None."""
     from pipeline.tuning import (
         apply_trainability, build_optimizer, disable_gradient_checkpointing, install_backward_stop, merge_for_export,
         optimizer_state_bytes, trainability_report,
@@ -262,6 +376,16 @@ def train_visual(
     stop.remove()
     if params.gradient_checkpointing:
         disable_gradient_checkpointing(trainable)
+    if result.full_state_dict is not None:
+        from pipeline import distributed as D
+
+        if not D.is_main():
+            return None, result, report
+        if reload is None:
+            raise ValueError("the model was sharded (FSDP / DeepSpeed): train_visual needs `reload` to export it")
+        trainable = apply_trainability(reload(), trainability)  # same structure (LoRA adapters included)
+        trainable.load_state_dict(result.full_state_dict, strict=True)
+        result.full_state_dict = None
     merged = merge_for_export(trainable)
     merged.requires_grad_(False)
     return merged, result, report

@@ -48,17 +48,25 @@ def under_prefect() -> bool:
     return mode in ("1", "on", "true") or bool(os.environ.get("PREFECT_API_URL"))
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], *, launchable: str | None = None) -> None:
     """Run a stage: a known error (bad params, bad data, bad model, an unreachable service) is one clear line and
-    exit code 2. Under Prefect (see `under_prefect`) the stage is a flow run (flows/stages.py)."""
+    exit code 2. Under Prefect (see `under_prefect`) the stage is a flow run (flows/stages.py); under a
+    multi-process launcher (torchrun / accelerate launch) only rank 0 is, the other ranks run `main` directly.
+    `launchable` (the training stages' module name): with $VR_LAUNCHER set, the stage runs under that launcher
+    instead (pipeline.distributed.launcher_command) and exits with its exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from pipeline.config import ParamsError
     from pipeline.data import DataError
+    from pipeline.distributed import is_main, launcher_command, relaunch
     from pipeline.model import ModelStructureError
 
     known: tuple[type[BaseException], ...] = (ParamsError, DataError, ModelStructureError, FileNotFoundError, ValueError)
     try:
-        if under_prefect():
+        command = launcher_command(launchable, sys.argv[1:]) if launchable else None
+        if command:
+            log.info("running under %s: %s", "VR_LAUNCHER", " ".join(command))
+            sys.exit(relaunch(command))
+        if under_prefect() and is_main():
             from flows.services import ServiceError
             from flows.stages import run_stage
 

@@ -1,9 +1,13 @@
 """Stage `tune` (LLaVA stage 2, the paper's subject): one run per layer-selection entry in `tune.runs`.
 
     python -m stages.tune --run uniform25
+    torchrun --nproc_per_node 8 -m stages.tune --run uniform25      # or: accelerate launch -m stages.tune ...
+
+Under a launcher every rank trains; rank 0 alone logs to MLflow and writes the outputs (docs/multi-gpu.md).
 """
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 from stages._common import load_params, run, run_name, torch_dtype
@@ -21,7 +25,11 @@ def resolve_layers(params, name: str, num_layers: int) -> list[int]:
                 f"tune.importance_runs.{name}: importance scores {path} are missing (`dvc repro prune@{spec.importance_from}` writes them)"
             )
         scores = json.loads(path.read_text())[spec.importance_metric]
-    return select_layers(num_layers, spec.strategy, spec.budget, seed=spec.seed, scores=scores)
+    try:
+        return select_layers(num_layers, spec.strategy, spec.budget, seed=spec.seed, scores=scores)
+    except ValueError as err:  # e.g. an explicit layer index past this model's depth (only known once it is loaded)
+        group = "importance_runs" if name in params.tune.importance_runs else "runs"
+        raise ValueError(f"tune.{group}.{name}: {err}") from None
 
 
 def main(argv: list[str]) -> None:
@@ -29,16 +37,19 @@ def main(argv: list[str]) -> None:
 
     import datasets
 
-    from pipeline import model as M, tracking, training as T
+    from pipeline import distributed as D, model as M, tracking, training as T
     from pipeline.storage import atomic_write_json, atomic_write_text
     from pipeline.tuning import Trainability
 
     params = load_params()
     spec, cfg = params.tune.run(name), params.tune
     out, ckpt = Path(f"models/tuned/{name}"), Path(f"checkpoints/tune/{name}")
+    main_rank = D.is_main()  # True without a launcher
 
-    key = tracking.pipeline_key(params)
-    model, processor = M.load_vlm("models/projector", dtype=torch_dtype(params.model.dtype))
+    # The key hashes all of data/prepared: only rank 0 needs it (MLflow, and the checkpoint fingerprint it checks).
+    key = tracking.pipeline_key(params) if main_rank else {"git_commit": "", "data_hash": ""}
+    dtype = torch_dtype(params.model.dtype)
+    model, processor = M.load_vlm("models/projector", dtype=dtype)
     layers = resolve_layers(params, name, M.num_decoder_layers(model))
     trainability = Trainability(
         projector=spec.projector, language_model=spec.language_model, layers=tuple(layers),
@@ -53,18 +64,24 @@ def main(argv: list[str]) -> None:
         "importance_metric": spec.importance_metric or "", "importance_from": spec.importance_from or "", "max_steps": cfg.train.max_steps,
         "batch_size": cfg.train.batch_size, "lora": json.dumps(cfg.lora.__dict__) if spec.language_model == "lora" else "",
         "git_commit": key["git_commit"], "data_hash": key["data_hash"],
+        "processes": D.world_size(),  # batch_size is per process
     }
 
-    mlflow = tracking.setup(params.mlflow.experiment)
-    parent = tracking.parent_run_id(mlflow, key)
-    with mlflow.start_run(run_id=parent):
-        with mlflow.start_run(run_name=name, nested=True, tags={"vr_kind": "tune", "vr_run": name}) as mlrun:
-            mlflow.log_params(tracking.scrub(run_params))
-            tuned, result, report = T.train_visual(
-                model, processor, data, trainability=trainability, projector_lr=cfg.projector_lr, lm_lr=cfg.lm_lr,
-                params=cfg.train, ckpt_dir=ckpt, seed=params.seed,
-                fingerprint={"stage": "tune", "run": run_params, "train": cfg.train.model_dump()},
+    with ExitStack() as tracked:
+        if main_rank:
+            mlflow = tracking.setup(params.mlflow.experiment)
+            tracked.enter_context(mlflow.start_run(run_id=tracking.parent_run_id(mlflow, key)))
+            mlrun = tracked.enter_context(
+                mlflow.start_run(run_name=name, nested=True, tags={"vr_kind": "tune", "vr_run": name})
             )
+            mlflow.log_params(tracking.scrub(run_params))
+        tuned, result, report = T.train_visual(
+            model, processor, data, trainability=trainability, projector_lr=cfg.projector_lr, lm_lr=cfg.lm_lr,
+            params=cfg.train, ckpt_dir=ckpt, seed=params.seed,
+            fingerprint={"stage": "tune", "run": run_params, "train": cfg.train.model_dump()},
+            reload=lambda: M.load_vlm("models/projector", dtype=dtype)[0],
+        )
+        if main_rank:
             for h in result.loss_history:
                 mlflow.log_metric("train_loss", h["loss"], step=h["step"])
             metrics = {
@@ -79,10 +96,12 @@ def main(argv: list[str]) -> None:
             mlflow.log_dict(report, "trainability.json")
             mlflow.log_dict(selection, "selection.json")
             M.save_vlm(tuned, processor, out, extra_json={"selection.json": selection, "trainability.json": report})
-    T.finish(ckpt)
-    atomic_write_text(f"plots/loss/{name}.csv", T.loss_csv(result.loss_history))
-    atomic_write_json(f"metrics/tune/{name}.json", metrics)
+    if main_rank:
+        T.finish(ckpt)
+        atomic_write_text(f"plots/loss/{name}.csv", T.loss_csv(result.loss_history))
+        atomic_write_json(f"metrics/tune/{name}.json", metrics)
+    D.shutdown()  # the other ranks wait here for rank 0's outputs, then every process leaves the group
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, launchable="stages.tune")
