@@ -38,6 +38,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline import storage
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -872,7 +874,8 @@ def build_visual(cfg: DataConfig) -> datasets.DatasetDict:
             json_path, getattr(cfg, f"{prefix}_image_dir"), on_error=cfg.llava_on_error,
             image_mode=cfg.llava_image_mode, resize_to=resize_to,
         )
-        logger.info("imported %s into %s: %d records, skipped %s", json_path, split, report.imported, report.skipped)
+        logger.info("imported %s into %s: %d records, skipped %s, converted to RGB %s", json_path, split,
+                    report.imported, report.skipped, report.converted_modes)
         splits[split] = imported
     return datasets.DatasetDict(splits)
 
@@ -928,7 +931,7 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    backup = Path(tempfile.mkdtemp(prefix=storage.temp_prefix(out_dir, "old"), dir=out_dir.parent))
     backup.rmdir()
     os.replace(out_dir, backup)
     try:
@@ -949,7 +952,8 @@ def prepare_all(cfg: DataConfig, out_dir: str | os.PathLike[str]) -> dict[str, i
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    storage.sweep_stale(out)  # what a killed earlier run left beside out_dir
+    tmp = Path(tempfile.mkdtemp(prefix=storage.temp_prefix(out), dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp creates 0700
         visual = build_visual(cfg)

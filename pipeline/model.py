@@ -197,6 +197,13 @@ def compose_llava(vision_path: str, lm_path: str, *, dtype: torch.dtype = torch.
         raise ModelStructureError(f"vision encoder {vision_path!r} has model_type {kind!r}; expected a CLIP or SigLIP model")
     vision = vision_cls.from_pretrained(vision_path, dtype=dtype)
     lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not isinstance(getattr(getattr(lm, "model", None), "layers", None), nn.ModuleList):
+        # LLaVA adopts `lm.model` as its language model (a Llama-style decoder with a `.layers` list); GPT-2-style
+        # models (`.transformer.h`) would fail deep inside transformers with an AttributeError.
+        raise ModelStructureError(
+            f"language model {lm_path!r} is a {type(lm).__name__}: it has no decoder layer list at `.model.layers`; "
+            "composing a LLaVA needs a Llama-style causal LM (Llama, Mistral, Qwen2, Vicuna, ...)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(lm_path, trust_remote_code=trust_remote_code)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

@@ -152,6 +152,10 @@ def _prepare_checkpoint_dir(ckpt_dir: Path, fingerprint: dict) -> bool:
     stamp = ckpt_dir / "fingerprint.json"
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
     if ckpt_dir.exists():
+        # The Trainer writes trainer_state.json last: a checkpoint without it was cut short by a kill.
+        for partial in [c for c in ckpt_dir.glob("checkpoint-*") if not (c / "trainer_state.json").exists()]:
+            log.warning("dropping checkpoint %s: it was cut short (no trainer_state.json)", partial)
+            shutil.rmtree(partial)
         same = stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
         if same and any(ckpt_dir.glob("checkpoint-*")):
             return True

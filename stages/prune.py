@@ -28,6 +28,12 @@ def main(argv: list[str]) -> None:
     selection = json.loads((tuned_dir / "selection.json").read_text())
     model, processor = M.load_vlm(tuned_dir, dtype=torch_dtype(params.model.dtype))
     num_layers = M.num_decoder_layers(model)
+    region = selection["layers"]
+    protected = [] if len(region) == num_layers else region
+    try:  # before scoring (minutes on a real model): can this many layers go, given the run's region?
+        pruning.choose_layers_to_prune([0.0] * num_layers, cfg.num_layers, protected)
+    except ValueError as err:
+        raise ValueError(f"prune.num_layers={cfg.num_layers} for run {name!r}: {err}") from None
 
     calib = datasets.load_from_disk("data/prepared/visual")["instruct_train"]
     calib = [calib[i] for i in range(min(cfg.calibration_samples, len(calib)))]
@@ -37,8 +43,6 @@ def main(argv: list[str]) -> None:
     batches = importance.calibration_batches(processor, calib, cfg.batch_size)
     scores = importance.layer_importance(model, batches, base=base_state)
 
-    region = selection["layers"]
-    protected = [] if len(region) == num_layers else region
     remove = pruning.choose_layers_to_prune(scores.get(cfg.metric), cfg.num_layers, protected)
     kept = pruning.remove_layers(model, remove, protected=protected)
     meta = {"run": name, "metric": cfg.metric, "protected": protected, "mode": "protected" if protected else "conventional"}

@@ -1,0 +1,335 @@
+"""Bad inputs through the real stage entry points: `python -m stages.<stage>` with VR_PARAMS pointing at a params
+file that carries the fault. Each must exit with code 2 and log one error naming the input (file, record, field or
+params key; a params error is a header naming the file and one line per bad key), never a traceback, and leave no
+output behind (nor a temporary one).
+
+The library-level checks of the same faults are in test_data.py (importer), test_config.py (params schema),
+test_selection.py, test_pruning.py and test_model.py; these tests add the stage contract on top. Not repeated here:
+budget 1.5 through `stages.tune` (test_pipeline_e2e.py::test_bad_params_fail_cleanly_naming_the_key) and a protected
+layer named for pruning, which no params key can express (the prune stage picks the layers itself, outside the
+region); `pruning.remove_layers` refuses it (test_pruning.py::test_remove_layers_refusals).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "seed": 0,
+    "model": {"profile": "micro", "spec": {"lm_layers": 4}},
+    "data": {"image_size": 32, "num_captions": 4, "num_instruct": 5, "num_vqa_test": 5, "text_qa_repeats": 1,
+             "digits_test_fraction": 0.95},
+    "pretrain_projector": {"train": {"max_steps": 1, "batch_size": 2, "max_length": 48, "save_steps": 1}},
+    "tune": {
+        "runs": {"all": {"strategy": "all"}, "x": {"strategy": "uniform", "budget": 0.5}},
+        "train": {"max_steps": 1, "batch_size": 2, "max_length": 48, "save_steps": 1},
+    },
+    "prune": {"num_layers": 1, "calibration_samples": 2, "batch_size": 2, "curve": {"runs": ["all"], "max_layers": 1}},
+    "evaluate": {"max_new_tokens": 2, "batch_size": 4, "vqa_samples": 2, "digits_samples": 2, "text_qa_samples": 2,
+                 "text_ppl_chunks": 2},
+    "mlflow": {"experiment": "bad-inputs"},
+}
+
+
+def params(**changes) -> dict:
+    """BASE with dotted-key changes, e.g. params(**{"tune.runs.x.budget": 0.0})."""
+    raw = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        node, *path, last = [raw, *dotted.split(".")]
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return raw
+
+
+def stage(ws: Path, module: str, raw: dict, *args: str) -> subprocess.CompletedProcess:
+    bad = ws / "bad-params.yaml"
+    bad.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VR_PARAMS": str(bad), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("PREFECT_API_URL", "VR_PREFECT", "VR_PIPELINE_RUN_ID"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def error_message(proc) -> list[str]:
+    """The logged error: its first line (`... ERROR stages: <Type>: <message>`) and any continuation lines."""
+    lines = proc.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if " ERROR stages: " in line]
+    assert len(starts) == 1, f"expected one error record:\n{proc.stderr[-3000:]}"
+    return lines[starts[0]:]
+
+
+def assert_refused(proc, ws: Path, *needles: str, outputs: tuple[str, ...] = (), params_error: bool = False) -> str:
+    assert proc.returncode == 2, f"exit code {proc.returncode}:\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    msg = error_message(proc)
+    if params_error:  # the header names the file, each bad key gets an indented line
+        assert msg[0].endswith(f"ParamsError: invalid params in {ws / 'bad-params.yaml'}:")
+        assert all(line.startswith("  ") for line in msg[1:]) and len(msg) >= 2, msg
+    else:
+        assert len(msg) == 1, f"a one-line message, got:\n" + "\n".join(msg)
+    text = "\n".join(msg)
+    print(text)  # shown by `pytest -rP`: the messages quoted in docs/reliability.md
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in the error:\n{text}"
+    for out in outputs:
+        path = ws / out
+        assert not path.exists(), f"{out} was written although the stage failed"
+        if path.parent.exists():
+            assert not [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")], \
+                f"temporary files of {out} left behind"
+    return text
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A small data/prepared (synthetic scenes, digits, text) for the stages that read it."""
+    from pipeline import data as D
+
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    D.prepare_all(D.DataConfig(**BASE["data"]), out)
+    return out
+
+
+def link(ws: Path, rel: str, target: Path) -> None:
+    (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+    (ws / rel).symlink_to(target, target_is_directory=True)
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def record(rid: str, image: str | None = "img.png", question: str = "<image>\nWhat colour?", answer: str = "red"):
+    rec = {"id": rid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- data: stage prepare
+PREPARE_OUTPUTS = ("data/prepared", "metrics/data.json")
+
+MODE_IMAGES = {  # mode -> (file name, bytes)
+    "CMYK": ("cmyk.tiff", lambda: png(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "TIFF")),
+    "I;16": ("sixteen.png", lambda: png(Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)))),
+    "L": ("gray.png", lambda: png(Image.new("L", (8, 8), 100))),
+}
+
+
+def llava_case(ws: Path, case: str) -> tuple[Path, tuple[str, ...]]:
+    """A LLaVA-format file with one good record then the bad one; returns (file, what the error must name)."""
+    images = ws / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(png(Image.new("RGB", (8, 8), (255, 0, 0))))
+    bad = record("bad-1")
+    needles = ("field 'image'",)
+    suffix = ".json"
+    if case == "corrupt_image":
+        (images / "img.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    elif case == "missing_image":
+        bad["image"] = "nope.png"
+        needles = ("field 'image'", "nope.png")
+    elif case == "zero_size_image":
+        (images / "img.png").write_bytes(b"")
+    elif case.startswith("refuse-"):
+        name, make = MODE_IMAGES[case.removeprefix("refuse-")]
+        (images / name).write_bytes(make())
+        bad["image"] = name
+        needles = ("field 'image'", repr(case.removeprefix("refuse-")), "image_mode")
+    else:
+        (images / "img.png").write_bytes(png(Image.new("RGB", (8, 8))))
+        if case == "no_human_turn":
+            bad["conversations"] = [{"from": "gpt", "value": "<image>\nred"}]
+            needles = ("field 'conversations'", "no 'human' turn")
+        elif case == "no_gpt_turn":
+            bad["conversations"] = bad["conversations"][:1]
+            needles = ("field 'conversations'", "no 'gpt' turn")
+        elif case == "image_token_count":
+            bad["conversations"][0]["value"] = "<image>\n<image>\nWhat colour?"
+            needles = ("field 'conversations'", "found 2 '<image>' tokens but the record has 1 image(s)")
+        elif case == "empty_answer":
+            bad["conversations"][1]["value"] = "   "
+            needles = ("field 'conversations[1].value'", "empty gpt answer")
+        elif case == "malformed_json_line":
+            suffix = ".jsonl"
+            needles = ("line 2", "malformed JSON")
+        else:
+            raise AssertionError(case)
+    path = ws / f"llava{suffix}"
+    if suffix == ".jsonl":
+        path.write_text(json.dumps(record("good-0", "good.png")) + '\n{"id": "bad-1", "conversations": [\n')
+    else:
+        path.write_text(json.dumps([record("good-0", "good.png"), bad]))
+    reason = case.split("-")[0] if case.startswith("refuse") else case
+    tag = {"refuse": "[image_mode]", "no_human_turn": "[missing_turn]", "no_gpt_turn": "[missing_turn]",
+           "image_token_count": "[image_token_mismatch]", "malformed_json_line": "[malformed_json]"}.get(reason, f"[{reason}]")
+    ident = () if case == "malformed_json_line" else ("record 1", "id='bad-1'")
+    return path, (str(path), *ident, tag, *needles)
+
+
+@pytest.mark.parametrize("case", [
+    "corrupt_image", "missing_image", "zero_size_image", "refuse-CMYK", "refuse-I;16", "refuse-L",
+    "malformed_json_line", "no_human_turn", "no_gpt_turn", "image_token_count", "empty_answer",
+])
+def test_prepare_refuses_a_bad_llava_record(tmp_path, case):
+    path, needles = llava_case(tmp_path, case)
+    raw = params(**{"data.llava_json": str(path), "data.llava_image_dir": str(tmp_path / "images"),
+                    "data.llava_image_mode": "refuse" if case.startswith("refuse-") else "convert"})
+    assert_refused(stage(tmp_path, "prepare", raw), tmp_path, "DataError", *needles, outputs=PREPARE_OUTPUTS)
+
+
+def test_prepare_converts_cmyk_16bit_and_grayscale_when_params_say_convert(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    records = []
+    for mode, (name, make) in MODE_IMAGES.items():
+        (images / name).write_bytes(make())
+        records.append(record(f"m-{mode}", name))
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    raw = params(**{"data.llava_json": str(tmp_path / "llava.json"), "data.llava_image_dir": str(images),
+                    "data.llava_image_mode": "convert"})
+    proc = stage(tmp_path, "prepare", raw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "converted to RGB {'CMYK': 1, 'I;16': 1, 'L': 1}" in proc.stderr
+    import datasets
+
+    imported = datasets.load_from_disk(str(tmp_path / "data/prepared/visual"))["imported"]
+    assert [im.mode for im in imported["image"]] == ["RGB"] * 3
+    assert json.loads((tmp_path / "metrics/data.json").read_text())["visual/imported"] == 3
+
+
+# ----------------------------------------------------------------------------------- over-long samples (training)
+def test_sample_over_max_length_refused_when_on_overflow_is_refuse(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/base", micro4_dir)
+    raw = params(**{"pretrain_projector.train.max_length": 25, "pretrain_projector.train.on_overflow": "refuse"})
+    assert_refused(stage(tmp_path, "pretrain_projector", raw), tmp_path, "DataError", "record caption-000000",
+                   "exceed max_length 25 (on_overflow: refuse)",
+                   outputs=("models/projector", "metrics/projector.json", "checkpoints/pretrain_projector"))
+
+
+def test_sample_over_max_length_truncated_and_counted_by_default(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    proc = stage(tmp_path, "tune", params(**{"tune.train.max_length": 25}), "--run", "x")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    n = json.loads((tmp_path / "metrics/tune/x.json").read_text())["truncated_samples"]
+    total = len(__import__("datasets").load_from_disk(str(prepared / "visual"))["instruct_train"])
+    assert n == total  # every instruct sample (16 image tokens + prompt + answer) is over 25 tokens
+    assert f"{n} of {total} samples were longer than max_length 25 and were truncated" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------- params: stage tune
+@pytest.mark.parametrize("change, needles", [
+    ({"tune.runs.x.strategy": "zigzag"}, ("tune.runs.x.strategy", "unknown strategy 'zigzag'")),
+    ({"tune.runs.x.budget": 0.0}, ("tune.runs.x.budget", "budget ratio must be in (0, 1], got 0.0")),
+    ({"tune.runs.x.strategy": [1, 1]}, ("tune.runs.x.strategy", "duplicate layer indices [1]")),
+    ({"tune.train.max_stepz": 5}, ("tune.train.max_stepz", "unknown key")),
+    ({"tune.train.max_steps": "many"}, ("tune.train.max_steps", "valid integer")),
+], ids=["unknown-strategy", "ratio-0", "duplicate-layers", "unknown-key", "wrong-type"])
+def test_bad_params_stop_the_stage_naming_the_key(tmp_path, change, needles):
+    proc = stage(tmp_path, "tune", params(**change), "--run", "x")
+    assert_refused(proc, tmp_path, *needles, outputs=("models/tuned/x", "metrics/tune/x.json", "mlflow.db"),
+                   params_error=True)
+
+
+def test_out_of_range_layer_index_is_refused_once_the_depth_is_known(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    proc = stage(tmp_path, "tune", params(**{"tune.runs.x.strategy": [0, 7]}), "--run", "x")
+    assert_refused(proc, tmp_path, "ValueError: tune.runs.x:", "layer index 7 is out of range for 4 layers",
+                   outputs=("models/tuned/x", "metrics/tune/x.json", "checkpoints/tune/x", "mlflow.db"))
+
+
+# ------------------------------------------------------------------------------------------ params: stage prune
+def test_prune_count_not_below_the_unprotected_layers_is_refused(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    tuned = tmp_path / "models/tuned/x"
+    shutil.copytree(micro4_dir, tuned)
+    (tuned / "selection.json").write_text(json.dumps({"run": "x", "layers": [1, 3]}))  # 2 of 4 layers protected
+    proc = stage(tmp_path, "prune", params(**{"prune.num_layers": 2}), "--run", "x")
+    assert_refused(proc, tmp_path, "prune.num_layers=2 for run 'x'", "only 2 of 4 layers are unprotected",
+                   outputs=("models/pruned/x", "metrics/prune/x.json", "plots/importance/x.json",
+                            "plots/importance/x.csv"))
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def test_model_directory_without_weights(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    base = tmp_path / "models/base"
+    base.mkdir(parents=True)
+    for f in micro4_dir.iterdir():  # config, processor, tokenizer: everything but the weights
+        if f.suffix != ".safetensors":
+            shutil.copy(f, base / f.name)
+    proc = stage(tmp_path, "pretrain_projector", params())
+    assert_refused(proc, tmp_path, "FileNotFoundError", "model directory models/base has no weights",
+                   outputs=("models/projector", "metrics/projector.json", "checkpoints/pretrain_projector"))
+
+
+@pytest.fixture(scope="module")
+def foreign_models(tmp_path_factory, micro4_dir) -> dict[str, Path]:
+    """A BLIP-2 checkpoint (OPT decoder at language_model.model.decoder.layers) and a GPT-2 causal LM (.transformer.h),
+    tiny and built offline: model classes whose decoder layer list this project cannot find."""
+    from transformers import (AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, GPT2Config, GPT2LMHeadModel,
+                              OPTConfig)
+
+    root = tmp_path_factory.mktemp("foreign")
+    blip = Blip2ForConditionalGeneration(Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                        "encoder_hidden_size": 32},
+        text_config=OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, vocab_size=512,
+                              word_embed_proj_dim=32).to_dict(),
+        num_query_tokens=4,
+    ))
+    blip.save_pretrained(root / "blip2")
+    tokenizer = AutoTokenizer.from_pretrained(micro4_dir)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    gpt2.save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    # a CLIP vision encoder with its image processor, to compose with
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    llava = LlavaForConditionalGeneration.from_pretrained(micro4_dir)
+    llava.model.vision_tower.save_pretrained(root / "vision")
+    AutoImageProcessor.from_pretrained(micro4_dir).save_pretrained(root / "vision")
+    return {"blip2": root / "blip2", "gpt2": root / "gpt2", "vision": root / "vision"}
+
+
+def test_llava_checkpoint_of_a_class_without_a_decoder_layer_list(tmp_path, foreign_models):
+    raw = params(model={"profile": "hf", "checkpoint": str(foreign_models["blip2"])})
+    proc = stage(tmp_path, "build_base", raw)
+    assert_refused(proc, tmp_path, "ModelStructureError", "Blip2ForConditionalGeneration has no decoder layer list",
+                   outputs=("models/base", "metrics/base.json"))
+
+
+def test_composing_with_a_language_model_without_a_decoder_layer_list(tmp_path, foreign_models):
+    raw = params(model={"profile": "hf", "vision": str(foreign_models["vision"]),
+                        "language_model": str(foreign_models["gpt2"])})
+    proc = stage(tmp_path, "build_base", raw)
+    assert_refused(proc, tmp_path, "ModelStructureError", str(foreign_models["gpt2"]), "GPT2LMHeadModel",
+                   "no decoder layer list at `.model.layers`", outputs=("models/base", "metrics/base.json"))
