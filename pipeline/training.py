@@ -146,15 +146,23 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _complete_checkpoint(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _prepare_checkpoint_dir(ckpt_dir: Path, fingerprint: dict) -> bool:
     """Keep checkpoints only if they were written for the same run configuration; returns True to resume.
     Rank 0 only under a multi-process launch (see `train`)."""
     stamp = ckpt_dir / "fingerprint.json"
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
     if ckpt_dir.exists():
-        # The Trainer writes trainer_state.json last: a checkpoint without it was cut short by a kill.
-        for partial in [c for c in ckpt_dir.glob("checkpoint-*") if not (c / "trainer_state.json").exists()]:
-            log.warning("dropping checkpoint %s: it was cut short (no trainer_state.json)", partial)
+        # The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short by a kill.
+        for partial in [c for c in ckpt_dir.glob("checkpoint-*") if not _complete_checkpoint(c)]:
+            log.warning("dropping checkpoint %s: it was cut short (no complete trainer_state.json)", partial)
             shutil.rmtree(partial)
         same = stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
         if same and any(ckpt_dir.glob("checkpoint-*")):
