@@ -265,3 +265,14 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def publish(result: dict, text: str, path) -> dict:
+    """Print the markdown table and write the whole result (table included) as JSON, atomically."""
+    from pipeline.storage import atomic_write_json
+
+    result["markdown"] = text
+    atomic_write_json(path, result)
+    print(text)
+    print(f"\nJSON: {path}")
+    return result

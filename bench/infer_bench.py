@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -266,13 +265,7 @@ def main(argv=None) -> dict:
         with L.no_gc():
             measure(vs, inputs, args)
     result = summarize(vs, shape, args, env)
-    text = markdown(result)
-    result["markdown"] = text
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.json}")
-    return result
+    return L.publish(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":

@@ -452,13 +452,7 @@ def main(argv=None) -> dict | None:
         for r in rows:
             r.update(times[r["mode"]])
     result = summarize(rows, shape, args, env)
-    text = markdown(result)
-    result["markdown"] = text
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.json}")
-    return result
+    return L.publish(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":
