@@ -64,3 +64,14 @@ deploy: setup
 # A process worker for pool $(POOL): run it on the GPU machine, in its clone (CUDA_VISIBLE_DEVICES per deployment).
 worker: setup
 	PREFECT_API_URL=$(PREFECT_API_URL) prefect worker start --pool $(POOL) --type process
+
+# The layer-selection sweep (README "A layer-selection sweep across machines"; `make deploy` once first): this shell
+# runs the parent (the shared stages, then the report); one child flow run per selection goes to the workers.
+SWEEP_PARAMS ?= params/study.yaml
+.PHONY: sweep sweep-worker
+sweep: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) python -m flows.sweep --params-file $(SWEEP_PARAMS)
+
+# A worker for sweep children: one flow run at a time, on the GPU(s) in CUDA_VISIBLE_DEVICES (one worker per GPU).
+sweep-worker: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) prefect worker start --pool $(POOL) --type process --work-queue default --limit 1
