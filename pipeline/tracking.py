@@ -3,6 +3,10 @@
 Default store: a local sqlite file in the repo (`sqlite:///mlruns.db`, artifacts in `mlartifacts/`);
 `MLFLOW_TRACKING_URI` overrides. The parent run is found by a key (the git commit + the params that shape the
 pipeline), so the separate processes of one `dvc repro` share it; `VR_PIPELINE_RUN_ID` names it explicitly.
+
+A tracking server that goes away is one clear error naming it, in bounded time: `setup` bounds MLflow's own HTTP
+retries (`HTTP_RETRIES`; MLflow's default retries a refused connection for about 4 minutes per request) and
+`outage` turns MLflow's failure into a `TrackingError` naming the server (stages/_common.py exits 2 on it).
 """
 
 from __future__ import annotations
@@ -11,18 +15,37 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")
+# MLflow's HTTP client retries a failed request MLFLOW_HTTP_REQUEST_MAX_RETRIES times (default 7) with a backoff of
+# factor * 2^n s (default factor 2: 4, 8, ... 120 s, about 4 minutes in all, and that again for each request still to
+# come: ending the run, its parent). 3 retries with factor 1 wait 0 + 2 + 4 s (plus up to 1 s of jitter each): a
+# server restart that quick is ridden out, a real outage fails within seconds. Environment values win. The request
+# timeout stays MLflow's (MLFLOW_HTTP_REQUEST_TIMEOUT, 120 s): a large checkpoint upload through the artifact proxy
+# is answered only once the server has stored it.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server stopped answering while a stage used it; the message names the server."""
+
+
+def bound_http_retries() -> None:
+    for key, value in HTTP_RETRIES.items():
+        os.environ.setdefault(key, value)
 
 
 def setup(experiment: str):
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    bound_http_retries()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlruns.db'}"
     from pipeline.registry import ensure_reachable
 
@@ -76,3 +99,85 @@ def parent_run_id(mlflow, key_data: dict) -> str:
 def scrub(params: dict) -> dict:
     """Never log anything that looks like a credential."""
     return {k: v for k, v in params.items() if not any(h in k.upper() for h in SECRET_HINTS)}
+
+
+# ---------------------------------------------------------------------------------------------- stale runs, outages
+def run_tags(kind: str, run: str) -> dict[str, str]:
+    """Tags of a selection run's MLflow run; host and pid tell a killed writer from a live one (`end_stale_runs`)."""
+    return {"vr_kind": kind, "vr_run": run, "vr_host": socket.gethostname(), "vr_pid": str(os.getpid())}
+
+
+def _alive_here(tags: dict[str, str]) -> bool:
+    """Whether the process that started a run is still running on this host (False when unknown)."""
+    pid = tags.get("vr_pid", "")
+    if tags.get("vr_host") != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def end_stale_runs(mlflow, parent_id: str, *, kind: str, run: str) -> list[str]:
+    """Set to KILLED the RUNNING child runs of `parent_id` for the same selection run (`vr_kind`, `vr_run`): a stage
+    killed (kill -9, a lost machine) or cut off from its tracking server never ended its run, and the re-run opens a
+    new one. A run whose process still runs on this host is left alone. Returns the ids it ended."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent_id).info.experiment_id
+    found = client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
+    )
+    ended = []
+    for r in found:
+        tags = r.data.tags
+        if tags.get("vr_kind") != kind or tags.get("vr_run") != run:
+            continue
+        if _alive_here(tags):
+            log.warning("MLflow run %s (%s %s) is RUNNING and its process %s is alive: leaving it", r.info.run_id, kind,
+                        run, tags.get("vr_pid"))
+            continue
+        client.set_terminated(r.info.run_id, "KILLED")
+        log.warning("MLflow run %s (%s %s) was left RUNNING by a stage that did not finish (killed, or cut off from "
+                    "the server): set to KILLED", r.info.run_id, kind, run)
+        ended.append(r.info.run_id)
+    return ended
+
+
+_CONNECTION_FAILURES = (
+    ("Connection refused", "connection refused"), ("Failed to establish a new connection", "no connection"),
+    ("RemoteDisconnected", "the server closed the connection"), ("Connection aborted", "connection aborted"),
+    ("Connection reset", "connection reset"), ("timed out", "timed out"), ("Max retries exceeded", "no answer"),
+    ("Name or service not known", "unknown host"), ("Temporary failure in name resolution", "unknown host"),
+)
+
+
+def outage(err: BaseException, tracking_uri: str | None = None) -> TrackingError | None:
+    """A TrackingError naming the server when `err` (or an exception it was raised from or during) is MLflow's
+    client failing to reach an HTTP tracking server; None for anything else (local stores included)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return None
+    # The exception, then what it was raised from or during: when a request fails inside `with start_run()`, ending
+    # the run fails too and is raised last, so the original failure is the deepest one found.
+    seen, todo, found = set(), [err], []
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text = str(e)
+        if type(e).__module__.startswith(("mlflow", "requests", "urllib3")):
+            reason = next((short for marker, short in _CONNECTION_FAILURES if marker in text), None)
+            if reason is not None:
+                call = re.search(r"API request to (\S+) failed", text)
+                found.append((call.group(1).removeprefix(uri.rstrip("/")) if call else None, reason))
+        todo += [e.__cause__, e.__context__]
+    if not found:
+        return None
+    where, reason = next((f for f in reversed(found) if f[0]), found[-1])
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    return TrackingError(f"MLflow tracking server {uri} stopped answering{f' (at {where})' if where else ''}: {reason} "
+                         f"after {retries} retries; run the stage again once the server is back")

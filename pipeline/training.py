@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
+class OverLengthError(DataError):
+    """A sample is longer than max_length and the params say refuse (`on_overflow: refuse`)."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------------------------
@@ -51,27 +55,39 @@ def encode_conversation(
     truncated = len(ids) > max_length
     if truncated:
         if on_overflow == "refuse":
-            raise DataError(f"record {record_id}: {len(ids)} tokens exceed max_length {max_length} (on_overflow: refuse)")
+            raise OverLengthError(
+                f"record {record_id}: {len(ids)} tokens exceed max_length {max_length} (on_overflow: refuse)"
+            )
         ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels, truncated
 
 
-def encode_visual_dataset(ds: datasets.Dataset, processor, *, max_length: int, on_overflow: str) -> tuple[datasets.Dataset, int]:
+def encode_visual_dataset(
+    ds: datasets.Dataset, processor, *, max_length: int, on_overflow: str, source: str = "dataset", params_key: str = "train"
+) -> tuple[datasets.Dataset, int]:
     """Tokenise and preprocess images once, before training (kept in memory: nothing is written beside the data).
-    Returns (dataset with input_ids/labels/pixel_values, number of truncated samples)."""
+    Returns (dataset with input_ids/labels/pixel_values, number of truncated samples). `source` names the dataset and
+    `params_key` the params section of max_length / on_overflow in the errors (e.g. `tune.train`)."""
     n_image = M.num_image_tokens(processor)
     if max_length <= n_image + 8:
-        raise ValueError(f"max_length {max_length} leaves no room for text after {n_image} image tokens")
+        raise ValueError(f"{params_key}.max_length {max_length} leaves no room for text after {n_image} image tokens")
     tokenizer = processor.tokenizer
     size = processor.image_processor.crop_size or processor.image_processor.size
     placeholder_shape = (3, size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge")))
 
-    def encode(batch):
+    def encode(batch, indices):
         out = {"input_ids": [], "labels": [], "truncated": []}
-        for rid, conv in zip(batch["id"], batch["conversations"]):
-            ids, labels, cut = encode_conversation(
-                tokenizer, conv, n_image_tokens=n_image, max_length=max_length, on_overflow=on_overflow, record_id=rid
-            )
+        for i, rid, conv in zip(indices, batch["id"], batch["conversations"]):
+            try:
+                ids, labels, cut = encode_conversation(
+                    tokenizer, conv, n_image_tokens=n_image, max_length=max_length, on_overflow=on_overflow,
+                    record_id=f"{i}, id={rid!r}",
+                )
+            except OverLengthError as err:
+                raise DataError(f"{source}: {err}: raise {params_key}.max_length, or set "
+                                f"{params_key}.on_overflow: truncate") from None
+            except DataError as err:
+                raise DataError(f"{source}: {err}") from None
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(cut)
@@ -86,10 +102,12 @@ def encode_visual_dataset(ds: datasets.Dataset, processor, *, max_length: int, o
         out["pixel_values"] = [p if p is not None else np.zeros(shape, dtype=np.float32) for p in out["pixel_values"]]
         return out
 
-    encoded = ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, keep_in_memory=True)
+    encoded = ds.map(encode, batched=True, with_indices=True, batch_size=256, remove_columns=ds.column_names,
+                     keep_in_memory=True)
     truncated = int(sum(encoded["truncated"]))
     if truncated:
-        log.warning("%d of %d samples were longer than max_length %d and were truncated", truncated, len(ds), max_length)
+        log.warning("%d of %d samples of %s were longer than %s.max_length %d and were truncated", truncated, len(ds),
+                    source, params_key, max_length)
     encoded = encoded.remove_columns("truncated").with_format("torch")
     return encoded, truncated
 
@@ -361,19 +379,22 @@ def train_visual(
     seed: int,
     fingerprint: dict,
     reload: Callable[[], nn.Module] | None = None,
+    data_name: str = "dataset",
+    params_key: str = "train",
 ) -> tuple[nn.Module | None, TrainResult, dict]:
     """Stage 1 and stage 2 alike: apply the declared trainability, train on visual conversations, and return
     (a plain model ready to save, with LoRA merged; the training result; the trainability report).
 
     After a sharded run (FSDP / ZeRO-3, see `train`) `model` is left sharded: rank 0 builds the returned model from
     `reload()` (a fresh copy of the untrained model, e.g. loaded again from disk) and the gathered weights, and the
-    other ranks get None."""
+    other ranks get None. `data_name` and `params_key` (e.g. `tune.train`) are named by the errors about `dataset`."""
     from pipeline.tuning import (
         apply_trainability, build_optimizer, disable_gradient_checkpointing, install_backward_stop, merge_for_export,
         optimizer_state_bytes, trainability_report,
     )
 
-    encoded, truncated = encode_visual_dataset(dataset, processor, max_length=params.max_length, on_overflow=params.on_overflow)
+    encoded, truncated = encode_visual_dataset(dataset, processor, max_length=params.max_length,
+                                               on_overflow=params.on_overflow, source=data_name, params_key=params_key)
     torch.manual_seed(seed)  # LoRA adapters are initialised from the global RNG
     trainable = apply_trainability(model, trainability)
     stop = install_backward_stop(trainable)  # no graph below the lowest trainable layer when nothing upstream trains

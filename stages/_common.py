@@ -48,6 +48,23 @@ def under_prefect() -> bool:
     return mode in ("1", "on", "true") or bool(os.environ.get("PREFECT_API_URL"))
 
 
+def _naming_tracking_outages(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """`main`, with MLflow's client failing to reach the tracking server raised as one TrackingError naming it."""
+
+    def stage(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except Exception as err:
+            from pipeline.tracking import outage
+
+            clear = outage(err)
+            if clear is None:
+                raise
+            raise clear from err
+
+    return stage
+
+
 def run(main: Callable[[list[str]], None], *, launchable: str | None = None) -> None:
     """Run a stage: a known error (bad params, bad data, bad model, an unreachable service) is one clear line and
     exit code 2. Under Prefect (see `under_prefect`) the stage is a flow run (flows/stages.py); under a
@@ -59,8 +76,12 @@ def run(main: Callable[[list[str]], None], *, launchable: str | None = None) -> 
     from pipeline.data import DataError
     from pipeline.distributed import is_main, launcher_command, relaunch
     from pipeline.model import ModelStructureError
+    from pipeline.tracking import TrackingError
 
-    known: tuple[type[BaseException], ...] = (ParamsError, DataError, ModelStructureError, FileNotFoundError, ValueError)
+    known: tuple[type[BaseException], ...] = (
+        ParamsError, DataError, ModelStructureError, FileNotFoundError, ValueError, TrackingError,
+    )
+    main = _naming_tracking_outages(main)
     try:
         command = launcher_command(launchable, sys.argv[1:]) if launchable else None
         if command:

@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
         projector_lr=cfg.lr, lm_lr=cfg.lr, params=cfg.train, ckpt_dir=CKPT, seed=params.seed,
         fingerprint={"stage": "pretrain_projector", "params": cfg.model_dump(), "n": len(captions)},
         reload=lambda: M.load_vlm("models/base", dtype=dtype)[0],
+        data_name="data/prepared/visual, split 'caption_train'", params_key="pretrain_projector.train",
     )
     if not D.is_main():  # under a launcher: rank 0 writes the outputs while this rank waits
         D.shutdown()

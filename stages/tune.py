@@ -67,12 +67,17 @@ def main(argv: list[str]) -> None:
         "processes": D.world_size(),  # batch_size is per process
     }
 
+    # The outputs are written last, once the MLflow run has ended: a failure before (training, or the tracking
+    # server going away) leaves none of them, and the run FAILED (or, if the server is gone, RUNNING until the
+    # re-run's `end_stale_runs` sets it to KILLED).
     with ExitStack() as tracked:
         if main_rank:
             mlflow = tracking.setup(params.mlflow.experiment)
-            tracked.enter_context(mlflow.start_run(run_id=tracking.parent_run_id(mlflow, key)))
+            parent = tracking.parent_run_id(mlflow, key)
+            tracked.enter_context(mlflow.start_run(run_id=parent))
+            tracking.end_stale_runs(mlflow, parent, kind="tune", run=name)
             mlrun = tracked.enter_context(
-                mlflow.start_run(run_name=name, nested=True, tags={"vr_kind": "tune", "vr_run": name})
+                mlflow.start_run(run_name=name, nested=True, tags=tracking.run_tags("tune", name))
             )
             mlflow.log_params(tracking.scrub(run_params))
         tuned, result, report = T.train_visual(
@@ -80,6 +85,7 @@ def main(argv: list[str]) -> None:
             params=cfg.train, ckpt_dir=ckpt, seed=params.seed,
             fingerprint={"stage": "tune", "run": run_params, "train": cfg.train.model_dump()},
             reload=lambda: M.load_vlm("models/projector", dtype=dtype)[0],
+            data_name="data/prepared/visual, split 'instruct_train'", params_key="tune.train",
         )
         if main_rank:
             for h in result.loss_history:
@@ -95,8 +101,8 @@ def main(argv: list[str]) -> None:
                          "mlflow_run_id": mlrun.info.run_id, **{k: v for k, v in run_params.items() if k != "layers"}}
             mlflow.log_dict(report, "trainability.json")
             mlflow.log_dict(selection, "selection.json")
-            M.save_vlm(tuned, processor, out, extra_json={"selection.json": selection, "trainability.json": report})
     if main_rank:
+        M.save_vlm(tuned, processor, out, extra_json={"selection.json": selection, "trainability.json": report})
         T.finish(ckpt)
         atomic_write_text(f"plots/loss/{name}.csv", T.loss_csv(result.loss_history))
         atomic_write_json(f"metrics/tune/{name}.json", metrics)

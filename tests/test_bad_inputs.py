@@ -224,9 +224,21 @@ def test_sample_over_max_length_refused_when_on_overflow_is_refuse(tmp_path, pre
     link(tmp_path, "data/prepared", prepared)
     link(tmp_path, "models/base", micro4_dir)
     raw = params(**{"pretrain_projector.train.max_length": 25, "pretrain_projector.train.on_overflow": "refuse"})
-    assert_refused(stage(tmp_path, "pretrain_projector", raw), tmp_path, "DataError", "record caption-000000",
-                   "exceed max_length 25 (on_overflow: refuse)",
+    assert_refused(stage(tmp_path, "pretrain_projector", raw), tmp_path,
+                   "DataError: data/prepared/visual, split 'caption_train': record 0, id='caption-000000': ",
+                   " tokens exceed max_length 25 (on_overflow: refuse)",
+                   "raise pretrain_projector.train.max_length, or set pretrain_projector.train.on_overflow: truncate",
                    outputs=("models/projector", "metrics/projector.json", "checkpoints/pretrain_projector"))
+
+
+def test_sample_over_max_length_refused_by_tune_names_the_tune_key(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    raw = params(**{"tune.train.max_length": 25, "tune.train.on_overflow": "refuse"})
+    assert_refused(stage(tmp_path, "tune", raw, "--run", "x"), tmp_path,
+                   "DataError: data/prepared/visual, split 'instruct_train': record 0, id=",
+                   "raise tune.train.max_length, or set tune.train.on_overflow: truncate",
+                   outputs=("models/tuned/x", "metrics/tune/x.json", "checkpoints/tune/x"))
 
 
 def test_sample_over_max_length_truncated_and_counted_by_default(tmp_path, prepared, micro4_dir):
@@ -237,7 +249,8 @@ def test_sample_over_max_length_truncated_and_counted_by_default(tmp_path, prepa
     n = json.loads((tmp_path / "metrics/tune/x.json").read_text())["truncated_samples"]
     total = len(__import__("datasets").load_from_disk(str(prepared / "visual"))["instruct_train"])
     assert n == total  # every instruct sample (16 image tokens + prompt + answer) is over 25 tokens
-    assert f"{n} of {total} samples were longer than max_length 25 and were truncated" in proc.stderr
+    assert (f"{n} of {total} samples of data/prepared/visual, split 'instruct_train' were longer than "
+            "tune.train.max_length 25 and were truncated") in proc.stderr
 
 
 # --------------------------------------------------------------------------------------- params: stage tune

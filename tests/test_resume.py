@@ -129,7 +129,18 @@ def test_kill_mid_selective_tuning_resumes_and_ends_with_the_same_metrics(shared
     assert_same_model(ws, ref, "models/pruned/uniform50")
     assert_same_files(ws, ref, "metrics/tune/uniform50.json", "plots/loss/uniform50.csv",
                       "metrics/prune/uniform50.json", "metrics/eval/uniform50.json")
-    assert json.loads((ws.path / "models/tuned/uniform50/selection.json").read_text())["layers"] == [1, 3]
+    selection = json.loads((ws.path / "models/tuned/uniform50/selection.json").read_text())
+    assert selection["layers"] == [1, 3]
+    # the killed tune's MLflow run, left RUNNING, was set to KILLED by the re-run; the re-run's own run finished
+    import mlflow
+
+    client = mlflow.MlflowClient(ws.env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("visual-region-faults")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.vr_kind = 'tune' and tags.vr_run = 'uniform50'",
+                              order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    assert runs[1].info.run_id == selection["mlflow_run_id"]
+    assert f"MLflow run {runs[0].info.run_id} (tune uniform50) was left RUNNING" in again.stderr
 
 
 def test_kill_during_pruning_reruns_only_the_unfinished_stages(shared):
