@@ -113,6 +113,9 @@ class DataConfig:
     text_test_fraction: float = 0.1
     text_chunk_chars: int = 400
     text_qa_repeats: int = 10
+    # Scenes told in words, with the visual questions about them, mixed into the tiny LM's pretraining (see
+    # make_scene_texts). 0 for real LLMs, which already have the skill.
+    scene_texts: int = 0
     # Real data in LLaVA format (e.g. LLaVA-Pretrain 558K captions, LLaVA-665K instructions). When set, the imported
     # records replace the synthetic caption_train / instruct_train split; held-out synthetic tests stay.
     pretrain_json: str | None = None
@@ -127,7 +130,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"DataConfig.image_size must be >= 16, got {self.image_size}")
-        for name in ("num_captions", "num_instruct", "num_vqa_test", "text_qa_repeats"):
+        for name in ("num_captions", "num_instruct", "num_vqa_test", "text_qa_repeats", "scene_texts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("digits_test_fraction", "text_test_fraction"):
@@ -369,6 +372,29 @@ def make_vqa_records(
             )
         )
     return records
+
+
+CHAT_TEMPLATE = "USER: {question} ASSISTANT:"  # the prompt of every visual instruction (pipeline.model.prompt_text)
+
+
+def make_scene_texts(rng: random.Random, n: int) -> list[str]:
+    """``n`` visual questions about scenes told in words instead of shown, in the chat format of the instructions:
+    'USER: a red circle on the top left.\nWhat colour is the shape? ASSISTANT: red'. A real LLM can already answer
+    a question about a scene it is told; visual tuning only has to bring what the image shows into that skill, which
+    is the paper's premise. The tiny LM learns the skill from these texts (question types balanced, digits included)."""
+    qtypes = QTYPES + ("digit",)
+    texts = []
+    for i in range(n):
+        qtype = qtypes[i % len(qtypes)]
+        if qtype == "digit":
+            digit = rng.randrange(10)
+            scene, question, answer = f"a handwritten digit {digit}.", DIGIT_PROMPT, str(digit)
+        else:
+            _, shapes = draw_scene(rng, 16, None if qtype == "count" else 1)
+            scene = describe_scene(shapes)
+            question, answer = make_question(rng, shapes, qtype)
+        texts.append(f"{CHAT_TEMPLATE.format(question=scene + chr(10) + question)} {answer}")
+    return texts
 
 
 # ---------------------------------------------------------------------------
@@ -914,6 +940,7 @@ def text_corpus_chunks(
 def build_text(cfg: DataConfig, qa: list[dict[str, str]]) -> datasets.DatasetDict:
     train, test = text_corpus_chunks(cfg.seed, cfg.text_test_fraction, cfg.text_chunk_chars)
     train += [text_qa_as_text(r["question"], r["answer"]) for r in qa] * cfg.text_qa_repeats
+    train += make_scene_texts(_rng(cfg.seed, "scene-text"), cfg.scene_texts)
     _rng(cfg.seed, "text-shuffle").shuffle(train)
     return datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"text": train}, features=TEXT_FEATURES),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -239,6 +241,47 @@ def test_text_qa():
 # ---------------------------------------------------------------------------
 # prepare_all
 # ---------------------------------------------------------------------------
+
+
+def test_scene_texts_answer_from_the_told_scene():
+    texts = D.make_scene_texts(random.Random(0), 60)
+    assert texts == D.make_scene_texts(random.Random(0), 60)
+    pattern = re.compile(r"USER: (.+)\n(.+\?) ASSISTANT: (.+)")
+    asked = Counter()
+    for t in texts:
+        scene, question, answer = pattern.fullmatch(t).groups()
+        if question == D.DIGIT_PROMPT:
+            asked["digit"] += 1
+            assert scene == f"a handwritten digit {answer}."
+            continue
+        parts = re.findall(r"a (\w+) (\w+) on the (\w+ \w+)", scene)
+        assert parts and scene.endswith(".")
+        if question.startswith("How many"):
+            asked["count"] += 1
+            assert answer == str(len(parts))
+            continue
+        ((colour, kind, position),) = parts
+        if question.startswith("What colour"):
+            asked["colour"] += 1
+            assert answer == colour
+        elif question.startswith("What shape"):
+            asked["shape"] += 1
+            assert answer == kind
+        elif question.startswith("Where"):
+            asked["position"] += 1
+            assert answer == position
+        else:
+            asked["yesno"] += 1
+            assert answer == ("yes" if question == f"Is the shape {colour}?" else "no")
+    assert asked == {q: 10 for q in (*D.QTYPES, "digit")}
+
+
+def test_scene_texts_are_mixed_into_the_lm_corpus():
+    cfg = D.DataConfig(image_size=32, **SMALL)
+    plain = D.build_text(cfg, D.make_text_qa())["train"]["text"]
+    mixed = D.build_text(dataclasses.replace(cfg, scene_texts=12), D.make_text_qa())["train"]["text"]
+    added = Counter(mixed) - Counter(plain)
+    assert sum(added.values()) == 12 and all(t.startswith("USER: ") for t in added)
 
 
 def test_prepare_all_layout_and_determinism(tmp_path):
