@@ -374,7 +374,9 @@ def make_vqa_records(
     return records
 
 
-CHAT_TEMPLATE = "USER: {question} ASSISTANT:"  # the prompt of every visual instruction (pipeline.model.prompt_text)
+# LLaVA-1.5's conversation format ("vicuna_v1" without the system prompt), for instructions and scene texts alike
+# (pipeline.model.prompt_text); answers end with the EOS token.
+PROMPT_TEMPLATE = "USER: {question} ASSISTANT:"
 
 
 def make_scene_texts(rng: random.Random, n: int) -> list[str]:
@@ -390,10 +392,11 @@ def make_scene_texts(rng: random.Random, n: int) -> list[str]:
             digit = rng.randrange(10)
             scene, question, answer = f"a handwritten digit {digit}.", DIGIT_PROMPT, str(digit)
         else:
-            _, shapes = draw_scene(rng, 16, None if qtype == "count" else 1)
+            _, shapes = draw_scene(rng, 16, None if qtype == "count" else 1)  # the same scenes, image unused
             scene = describe_scene(shapes)
             question, answer = make_question(rng, shapes, qtype)
-        texts.append(f"{CHAT_TEMPLATE.format(question=scene + chr(10) + question)} {answer}")
+        prompt = PROMPT_TEMPLATE.format(question=f"{scene}\n{question}")
+        texts.append(f"{prompt} {answer}")
     return texts
 
 

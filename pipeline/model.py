@@ -16,14 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.data import IMAGE_TOKEN, PROMPT_TEMPLATE
 from pipeline.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-# LLaVA-1.5's conversation format ("vicuna_v1" without the system prompt); answers end with the EOS token.
-PROMPT_TEMPLATE = "USER: {question} ASSISTANT:"
 
 
 def prompt_text(question: str) -> str:

@@ -379,6 +379,14 @@ def test_shipped_params_define_every_key_dvc_tracks(path):
                     node = node[part]
 
 
+def test_lora_study_params_are_the_study_with_lora_on_both_sides():
+    study, lora = (yaml.safe_load((ROOT / "params" / p).read_text()) for p in ("study.yaml", "study-lora.yaml"))
+    assert {name: run["language_model"] for name, run in lora["tune"]["runs"].items()} == {"all": "lora", "uniform25": "lora"}
+    for raw in (study, lora):
+        raw["tune"].pop("runs"), raw["tune"].pop("importance_runs"), raw["prune"].pop("curve")
+    assert lora == study  # regenerate params/study-lora.yaml when params/study.yaml changes
+
+
 def test_study_params_are_the_default_plus_the_study_runs():
     default, study = (yaml.safe_load((ROOT / p).read_text()) for p in ("params.yaml", "params/study.yaml"))
     for raw in (default, study):
