@@ -125,6 +125,18 @@ class LMPretrainParams(_Strict):
     train: TrainParams = TrainParams(max_steps=600, batch_size=16)
 
 
+class VisionPretrainParams(_Strict):
+    """Tiny/micro only: contrastive pretraining of the tiny vision tower on `data.vision_pairs` image-text pairs, as
+    CLIP (or SigLIP, after model.spec.vision_type) learnt, with a small text encoder that is then dropped. The paper's
+    vision encoders come pretrained and frozen; a random frozen tower leaves the LM layers to do the seeing.
+    train.max_steps 0: the tower stays random. Ignored by the hf profile, whose encoder comes pretrained."""
+
+    lr: float = Field(1e-3, gt=0)
+    text_layers: int = Field(2, ge=1)
+    eval_pairs: int = Field(256, ge=2)  # held out from training, for the image-to-caption retrieval metric
+    train: TrainParams = TrainParams(max_steps=0, batch_size=64, max_length=48)  # max_length: caption tokens
+
+
 class ProjectorParams(_Strict):
     lr: float = Field(1e-3, gt=0)
     train: TrainParams = TrainParams()
@@ -275,6 +287,7 @@ class Params(_Strict):
     model: ModelParams = ModelParams()
     data: D.DataConfig = D.DataConfig()
     lm_pretrain: LMPretrainParams = LMPretrainParams()
+    vision_pretrain: VisionPretrainParams = VisionPretrainParams()
     pretrain_projector: ProjectorParams = ProjectorParams()
     tune: TuneParams
     prune: PruneParams = PruneParams()
@@ -290,6 +303,10 @@ class Params(_Strict):
         for name, run in self.tune.importance_runs.items():
             if run.importance_from not in self.tune.runs:
                 raise ValueError(f"tune.importance_runs.{name}.importance_from: no entry of tune.runs named {run.importance_from!r}")
+        if self.model.profile != "hf" and self.vision_pretrain.train.max_steps > 0:  # hf: the encoder comes pretrained
+            if self.data.vision_pairs <= self.vision_pretrain.eval_pairs:
+                raise ValueError(f"vision_pretrain.train.max_steps > 0 needs data.vision_pairs > vision_pretrain.eval_pairs "
+                                 f"({self.vision_pretrain.eval_pairs}), got {self.data.vision_pairs}")
         unknown = sorted(set(self.prune.curve.runs) - set(self.tune.all_runs()))
         if unknown:
             raise ValueError(f"prune.curve.runs: {unknown} are not tune runs")

@@ -72,6 +72,7 @@ TEXT_DIR = "text"
 TEXT_QA_DIR = "text_qa"
 MANIFEST_FILE = "manifest.json"
 VISUAL_SPLITS = ("caption_train", "instruct_train", "vqa_test", "digits_test")
+VISION_PAIRS_SPLIT = "vision_pairs"  # only when DataConfig.vision_pairs > 0
 IMPORTED_SPLIT = "imported"
 TEXT_SPLITS = ("train", "test")
 
@@ -116,6 +117,11 @@ class DataConfig:
     # Scenes told in words, with the visual questions about them, mixed into the tiny LM's pretraining (see
     # make_scene_texts). 0 for real LLMs, which already have the skill.
     scene_texts: int = 0
+    # Image-text pairs for the tiny vision tower's contrastive pretraining (stage build_base, params vision_pretrain):
+    # the stand-in for the web pairs CLIP and SigLIP learnt from, since the paper's encoders come pretrained. Scenes
+    # with their captions, plus the training digits as "a handwritten digit N."; split `vision_pairs`, its images
+    # kept out of the test splits like every training image. 0: no such split (the tower stays random).
+    vision_pairs: int = 0
     # Real data in LLaVA format (e.g. LLaVA-Pretrain 558K captions, LLaVA-665K instructions). When set, the imported
     # records replace the synthetic caption_train / instruct_train split; held-out synthetic tests stay.
     pretrain_json: str | None = None
@@ -130,7 +136,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"DataConfig.image_size must be >= 16, got {self.image_size}")
-        for name in ("num_captions", "num_instruct", "num_vqa_test", "text_qa_repeats", "scene_texts"):
+        for name in ("num_captions", "num_instruct", "num_vqa_test", "text_qa_repeats", "scene_texts", "vision_pairs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("digits_test_fraction", "text_test_fraction"):
@@ -292,6 +298,10 @@ def make_caption_record(rng: random.Random, image_size: int, rec_id: str) -> dic
     return _visual_record(rec_id, png_bytes(img), prompt, describe_scene(shapes), "caption")
 
 
+def digit_caption(digit: int) -> str:
+    return f"a handwritten digit {digit}."
+
+
 def make_question(
     rng: random.Random, shapes: list[Shape], qtype: str, *, yes: bool | None = None
 ) -> tuple[str, str] | None:
@@ -390,7 +400,7 @@ def make_scene_texts(rng: random.Random, n: int) -> list[str]:
         qtype = qtypes[i % len(qtypes)]
         if qtype == "digit":
             digit = rng.randrange(10)
-            scene, question, answer = f"a handwritten digit {digit}.", DIGIT_PROMPT, str(digit)
+            scene, question, answer = digit_caption(digit), DIGIT_PROMPT, str(digit)
         else:
             _, shapes = draw_scene(rng, 16, None if qtype == "count" else 1)  # the same scenes, image unused
             scene = describe_scene(shapes)
@@ -882,11 +892,16 @@ def build_visual(cfg: DataConfig) -> datasets.DatasetDict:
     cap_rng = _rng(cfg.seed, "caption")
     captions = [make_caption_record(cap_rng, s, f"caption-{i:06d}") for i in range(cfg.num_captions)]
     vqa_train = make_vqa_records(_rng(cfg.seed, "vqa-train"), cfg.num_instruct, s, "vqa-train")
-    seen = _png_digests(captions) | _png_digests(vqa_train)
+    digits_train, digits_test = make_digit_records(cfg.seed, s, cfg.digits_test_fraction)
+    pair_rng = _rng(cfg.seed, "vision-pairs")
+    pairs = [make_caption_record(pair_rng, s, f"pair-{i:06d}") for i in range(cfg.vision_pairs)]
+    if pairs:
+        pairs += [_visual_record(f"pair-{r['id']}", r["image"]["bytes"], CAPTION_PROMPTS[0],
+                                 digit_caption(int(r["conversations"][1]["value"])), "caption") for r in digits_train]
+    seen = _png_digests(captions) | _png_digests(vqa_train) | _png_digests(pairs)
     vqa_test = make_vqa_records(
         _rng(cfg.seed, "vqa-test"), cfg.num_vqa_test, s, "vqa-test", exclude_images=seen
     )
-    digits_train, digits_test = make_digit_records(cfg.seed, s, cfg.digits_test_fraction)
     instruct = vqa_train + digits_train
     _rng(cfg.seed, "instruct-shuffle").shuffle(instruct)
     splits = {
@@ -895,6 +910,8 @@ def build_visual(cfg: DataConfig) -> datasets.DatasetDict:
         "vqa_test": _visual_dataset(vqa_test),
         "digits_test": _visual_dataset(digits_test),
     }
+    if pairs:
+        splits[VISION_PAIRS_SPLIT] = _visual_dataset(pairs)
     real = {"caption_train": ("pretrain", None), "instruct_train": ("instruct", None), IMPORTED_SPLIT: ("llava", cfg.image_size)}
     for split, (prefix, resize_to) in real.items():
         json_path = getattr(cfg, f"{prefix}_json")
@@ -977,7 +994,7 @@ def prepare_all(cfg: DataConfig, out_dir: str | os.PathLike[str]) -> dict[str, i
     """Build every dataset and write them atomically under ``out_dir``.
 
     Layout: ``visual/`` (DatasetDict: caption_train, instruct_train, vqa_test,
-    digits_test[, imported]), ``text/`` (DatasetDict: train, test), ``text_qa/``
+    digits_test[, vision_pairs][, imported]), ``text/`` (DatasetDict: train, test), ``text_qa/``
     (Dataset) and ``manifest.json`` (config + counts). Returns counts keyed
     ``"<dir>/<split>"`` (``"text_qa"`` for the QA set).
     """

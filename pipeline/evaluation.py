@@ -108,6 +108,23 @@ def text_qa_accuracy(model, tokenizer, qa: list[dict], *, max_new_tokens: int, b
     }
 
 
+@torch.no_grad()
+def image_to_caption_accuracy(model, dataset, collator, *, batch_size: int) -> float:
+    """Zero-shot retrieval of a contrastive (CLIP/SigLIP) model: the share of images whose most similar caption,
+    among all captions of `dataset`, is their own (or the same words: digits share captions)."""
+    model.eval()
+    rows = [dataset[i] for i in range(len(dataset))]
+    images, texts = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = collator(rows[start : start + batch_size])
+        images.append(model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+        texts.append(model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output)
+    img, txt = torch.cat(images), torch.cat(texts)
+    best = (nn.functional.normalize(img, dim=-1) @ nn.functional.normalize(txt, dim=-1).T).argmax(dim=-1).tolist()
+    captions = [r["caption"] for r in rows]
+    return sum(captions[j] == captions[i] for i, j in enumerate(best)) / len(rows)
+
+
 def retention(score: float, baseline: float) -> float:
     if baseline == 0 or math.isnan(baseline) or math.isnan(score):
         return float("nan")

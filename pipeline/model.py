@@ -7,6 +7,7 @@ Everything here is offline-safe: nothing is downloaded unless a hub id is given 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -156,6 +157,39 @@ def build_language_model(spec: ProfileSpec, tokenizer, seed: int):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(lm_config(spec, tokenizer))
+
+
+def contrastive_model(tower, tokenizer, *, text_layers: int, max_length: int):
+    """CLIP around a CLIP tower (SigLIP around a SigLIP one) with a new small text encoder, for contrastive
+    pretraining on image-text pairs. The tower *is* the model's vision_model (shared, not copied): training the
+    model trains the tower in place. Returns (model, end_id).
+
+    The text encoder knows the tokenizer's ids plus one more, `end_id`, that ends every caption: CLIP pools a
+    caption at its `eos_token_id`, and with the tokenizer's own </s> (id 2) transformers takes the config for a
+    legacy one and pools at the largest id instead (SigLIP pools the last position: captions are padded to
+    max_length)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, SiglipConfig, SiglipModel, SiglipTextConfig
+
+    vcfg = tower.config
+    end_id = len(tokenizer)
+    text = dict(
+        vocab_size=end_id + 1, hidden_size=vcfg.hidden_size, intermediate_size=4 * vcfg.hidden_size,
+        num_hidden_layers=text_layers, num_attention_heads=vcfg.num_attention_heads, max_position_embeddings=max_length,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=end_id,
+    )
+    if vcfg.model_type == "clip_vision_model":
+        config = CLIPConfig(text_config=CLIPTextConfig(**text).to_dict(), vision_config=vcfg.to_dict(),
+                            projection_dim=vcfg.hidden_size)
+        model = CLIPModel(config)
+    elif vcfg.model_type == "siglip_vision_model":
+        model = SiglipModel(SiglipConfig(text_config=SiglipTextConfig(**text).to_dict(), vision_config=vcfg.to_dict()))
+        with torch.no_grad():  # the SigLIP paper's start (temperature 10, bias -10); transformers starts at 1 and 0
+            model.logit_scale.fill_(math.log(10.0))
+            model.logit_bias.fill_(-10.0)
+    else:
+        raise ModelStructureError(f"contrastive pretraining needs a CLIP or SigLIP vision tower, got {vcfg.model_type!r}")
+    model.vision_model = tower
+    return model, end_id
 
 
 def save_vision_encoder(model, processor, out_dir: Path) -> None:

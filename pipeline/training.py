@@ -10,6 +10,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,41 @@ class VisualCollator:
         if with_image:  # LLaVA matches image features to <image> tokens in order, so text-only rows need none
             out["pixel_values"] = torch.stack(with_image).float()
         return out
+
+
+def image_text_dataset(ds: datasets.Dataset, image_processor) -> datasets.Dataset:
+    """Caption records (the gpt turn is the caption) -> {pixel_values, caption}, images preprocessed once, for
+    contrastive pretraining of a vision tower."""
+
+    def encode(batch):
+        pixels = image_processor([im.convert("RGB") for im in batch["image"]], return_tensors="np")["pixel_values"]
+        return {"pixel_values": list(pixels), "caption": [conv[1]["value"] for conv in batch["conversations"]]}
+
+    first = image_processor([ds[0]["image"].convert("RGB")], return_tensors="np")["pixel_values"]
+    features = datasets.Features({"pixel_values": datasets.Array3D(shape=first.shape[1:], dtype="float32"),
+                                  "caption": datasets.Value("string")})
+    return ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, keep_in_memory=True,
+                  features=features).with_format("torch", columns=["pixel_values"], output_all_columns=True)
+
+
+@dataclass
+class ImageTextCollator:
+    """Batches for CLIP/SigLIP pretraining: each caption ends with `end_id` (see model.contrastive_model) and is
+    padded to `max_length`."""
+
+    tokenizer: Any
+    end_id: int
+    max_length: int
+
+    def __call__(self, batch: list[dict]) -> dict:
+        ids = torch.full((len(batch), self.max_length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, b in enumerate(batch):
+            tokens = self.tokenizer(b["caption"], add_special_tokens=False)["input_ids"][: self.max_length - 1]
+            tokens.append(self.end_id)
+            ids[i, : len(tokens)], mask[i, : len(tokens)] = torch.tensor(tokens), 1
+        pixels = torch.stack([b["pixel_values"] for b in batch]).float()
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "return_loss": True}
 
 
 def text_blocks(texts: list[str], tokenizer, seq_len: int) -> datasets.Dataset:

@@ -1,7 +1,8 @@
 """Stage `build_base`: the model every later stage starts from.
 
-tiny/micro: train a tokenizer, build a seeded vision tower and Llama LM from configs, pretrain the LM on the text
-corpus (so there is text ability to preserve), and compose the LLaVA. hf: compose from the given vision encoder and
+tiny/micro: train a tokenizer, build a seeded vision tower and Llama LM from configs, pretrain the tower
+contrastively on image-text pairs (as CLIP was; vision_pretrain), pretrain the LM on the text corpus (so there is
+text ability to preserve), and compose the LLaVA. hf: compose from the given vision encoder and
 LM, or take an existing LLaVA checkpoint.
 """
 
@@ -14,6 +15,44 @@ OUT = Path("models/base")
 PARTS = Path("checkpoints/base_parts")
 
 
+def pretrain_tiny_vision(params, vision_dir: Path, tokenizer) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    from pipeline import data as D, evaluation as E, model as M, training as T
+    from pipeline.storage import atomic_write_text
+
+    cfg = params.vision_pretrain
+    tower = AutoModel.from_pretrained(vision_dir)
+    image_processor = AutoImageProcessor.from_pretrained(vision_dir)
+    model, end_id = M.contrastive_model(tower, tokenizer, text_layers=cfg.text_layers, max_length=cfg.train.max_length)
+    pairs = datasets.load_from_disk(f"data/prepared/{D.VISUAL_DIR}")[D.VISION_PAIRS_SPLIT]
+    pairs = pairs.shuffle(seed=params.seed, keep_in_memory=True)  # in memory: no cache file inside data/prepared
+    data = T.image_text_dataset(pairs, image_processor)
+    held_out, train = data.select(range(cfg.eval_pairs)), data.select(range(cfg.eval_pairs, len(data)))
+    collator = T.ImageTextCollator(tokenizer, end_id, cfg.train.max_length)
+    retrieval = lambda: E.image_to_caption_accuracy(model, held_out, collator, batch_size=params.evaluate.batch_size)  # noqa: E731
+    before = retrieval()
+    model.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.train.weight_decay)
+    ckpt = Path("checkpoints/vision_pretrain")
+    result = T.train(
+        model, train, collator=collator, optimizer=optimizer, params=cfg.train, ckpt_dir=ckpt, seed=params.seed,
+        fingerprint={"stage": "vision_pretrain", "params": cfg.model_dump(), "spec": str(params.model.profile_spec()),
+                     "data": len(train)},
+    )
+    after = retrieval()
+    M.save_vision_encoder(tower.eval(), image_processor, vision_dir)
+    T.finish(ckpt)
+    atomic_write_text("plots/loss/vision_pretrain.csv", T.loss_csv(result.loss_history))
+    return {
+        "vision_retrieval_untrained": before, "vision_retrieval_pretrained": after,
+        "vision_pretrain_steps": result.steps, "vision_pretrain_seconds": result.train_seconds,
+        "vision_final_loss": result.final_loss,
+    }
+
+
 def pretrain_tiny_lm(params, texts_train, texts_test, qa) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -24,6 +63,11 @@ def pretrain_tiny_lm(params, texts_train, texts_test, qa) -> dict:
     spec = params.model.profile_spec()
     vision_dir, lm_dir = M.build_offline_parts(spec, texts_train, PARTS, seed=params.seed)
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    if params.vision_pretrain.train.max_steps:
+        vision_metrics = pretrain_tiny_vision(params, vision_dir, tokenizer)
+    else:
+        vision_metrics = {}
+        atomic_write_text("plots/loss/vision_pretrain.csv", T.loss_csv([]))
     lm = LlamaForCausalLM.from_pretrained(lm_dir)
     cfg = params.lm_pretrain
     ppl_args = dict(batch_size=params.evaluate.batch_size, max_length=cfg.seq_len)
@@ -41,7 +85,7 @@ def pretrain_tiny_lm(params, texts_train, texts_test, qa) -> dict:
     M.save_language_model(lm, tokenizer, lm_dir)
     T.finish(Path("checkpoints/lm_pretrain"))
     atomic_write_text("plots/loss/lm_pretrain.csv", T.loss_csv(result.loss_history))
-    return {
+    return vision_metrics | {
         "lm_ppl_untrained": before, "lm_ppl_pretrained": after, "lm_text_qa_accuracy": qa_acc["accuracy"],
         "lm_pretrain_steps": result.steps, "lm_pretrain_seconds": result.train_seconds, "lm_final_loss": result.final_loss,
         "vision_dir": str(vision_dir), "lm_dir": str(lm_dir),

@@ -277,6 +277,14 @@ def test_pruning_curve_runs_must_exist(base):
     invalid(mutate(base, lambda r: r["prune"].update(curve={"max_layers": 0})), r"prune\.curve\.max_layers")
 
 
+def test_vision_pretraining_needs_enough_pairs(base):
+    assert C.validate(base).vision_pretrain.train.max_steps > 0 and C.validate(base).data.vision_pairs > 0
+    invalid(mutate(base, lambda r: r["data"].update(vision_pairs=0)),
+            r"vision_pretrain.train.max_steps > 0 needs data.vision_pairs > vision_pretrain.eval_pairs \(256\), got 0")
+    off = mutate(base, lambda r: (r["data"].update(vision_pairs=0), r["vision_pretrain"]["train"].update(max_steps=0)))
+    assert C.validate(off).vision_pretrain.train.max_steps == 0  # the tower stays random
+
+
 # ---------------------------------------------------------------------------------------------------- model
 @pytest.mark.parametrize(
     "model",

@@ -284,6 +284,24 @@ def test_scene_texts_are_mixed_into_the_lm_corpus():
     assert sum(added.values()) == 12 and all(t.startswith("USER: ") for t in added)
 
 
+def test_vision_pairs_caption_their_images_and_stay_out_of_the_tests():
+    cfg = D.DataConfig(image_size=32, **SMALL)
+    assert D.VISION_PAIRS_SPLIT not in D.build_visual(cfg)  # 0 by default: no split
+    visual = D.build_visual(dataclasses.replace(cfg, vision_pairs=30))
+    pairs = visual[D.VISION_PAIRS_SPLIT]
+    digits_train = [r for r in visual["instruct_train"] if r["qtype"] == "digit"]
+    assert len(pairs) == 30 + len(digits_train) and set(pairs["qtype"]) == {"caption"}
+    captions = [c[1]["value"] for c in pairs["conversations"]]
+    assert all(re.fullmatch(r"a \w+ \w+ on the \w+ \w+((, | and )a \w+ \w+ on the \w+ \w+)*\.", c) for c in captions[:30]), captions[:3]
+    digit_caption = {hashlib.sha256(png(r["image"])).digest(): r["conversations"][1]["value"] for r in digits_train}
+    for rec, caption in zip(list(pairs)[30:], captions[30:]):
+        assert caption == D.digit_caption(int(digit_caption[hashlib.sha256(png(rec["image"])).digest()]))
+    tests = {hashlib.sha256(png(r)).digest() for split in ("vqa_test", "digits_test") for r in visual[split]["image"]}
+    assert not tests & {hashlib.sha256(png(r)).digest() for r in pairs["image"]}
+    with pytest.raises(ValueError, match="vision_pairs"):
+        D.DataConfig(vision_pairs=-1)
+
+
 def test_prepare_all_layout_and_determinism(tmp_path):
     cfg = D.DataConfig(image_size=32, **SMALL)
     counts = D.prepare_all(cfg, tmp_path / "a")

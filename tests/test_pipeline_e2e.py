@@ -49,6 +49,9 @@ def test_every_stage_produces_its_outputs(workspace):
     assert "Running stage 'report'" in first.stdout and "Running stage 'pruning_curve'" in first.stdout
     for d in ("data/prepared/visual", "models/base", "models/projector"):
         assert (ws / d).is_dir(), d
+    base = json.loads((ws / "metrics/base.json").read_text())
+    assert base["vision_pretrain_steps"] == 4 and 0 <= base["vision_retrieval_pretrained"] <= 1
+    assert (ws / "plots/loss/vision_pretrain.csv").read_text().count("\n") == 3  # header + steps 2 and 4
     for run in ("all", "uniform50", "lora_bottom1", "bi1"):
         assert list((ws / f"models/tuned/{run}").glob("*.safetensors")), run
         assert list((ws / f"models/pruned/{run}").glob("*.safetensors")), run
