@@ -247,6 +247,10 @@ class PruningCurveParams(_Strict):
 
     runs: list[str] = ["all"]
     max_layers: int = Field(3, ge=1)
+    # A short healing tune after each cut (an extension: the paper describes none): the run's own trainable set (its
+    # region, remapped past the removed layers; every layer for `all`) with tune's learning rates and batch, for this
+    # many steps. Each point then has a `healed` score beside the unhealed one. 0: no healing.
+    heal_steps: int = Field(0, ge=0)
 
 
 class PruneParams(_Strict):

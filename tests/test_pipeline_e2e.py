@@ -111,6 +111,12 @@ def test_pruning_curve_protects_the_region_and_starts_unpruned(workspace):
     assert [p["removed_layers"] for p in curves["uniform50"]] == [0, 1]  # 2 of 4 layers protected: one can go
     assert curves["all"][1]["mode"] == "conventional" and curves["uniform50"][1]["mode"] == "protected"
     assert not set(curves["uniform50"][1]["removed"]) & {1, 3}
+    # micro.yaml heals each cut: the region, at its new indices, or every kept layer of `all`
+    assert "healed" not in curves["all"][0]
+    assert [p["healed"]["trained_layers"] for p in curves["all"][1:]] == [[0, 1, 2], [0, 1]]
+    removed = curves["uniform50"][1]["removed"][0]
+    assert curves["uniform50"][1]["healed"]["trained_layers"] == [i - (i > removed) for i in (1, 3)]
+    assert 0 <= curves["uniform50"][1]["healed"]["visual_score"] <= 1
     ev = json.loads((ws / "metrics/eval/all.json").read_text())
     assert curves["all"][0]["visual_score"] == pytest.approx(ev["tuned"]["visual_score"])
     assert (ws / "plots/pruning_curve.csv").read_text().startswith("run,removed_layers,visual_score")
