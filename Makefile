@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro study test lock clean s3-server mlflow-server prefect-server deploy worker
+.PHONY: setup repro study study-queue test lock clean s3-server mlflow-server prefect-server deploy worker
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ repro: setup
 # Results: `dvc exp show`, `dvc exp apply tiny-study` (params.yaml itself goes back to the committed default).
 study: setup
 	python -m flows.pipeline --params-file params/study.yaml --experiment tiny-study --no-pull --no-push
+
+# The same study with each selection its own DVC experiment (study-<run>, with the `all` baseline beside it), queued
+# and run one at a time: `dvc exp show` lists them. flows/queue.py.
+study-queue: setup
+	python -m flows.queue --params-file params/study.yaml
 
 test: setup
 	python -m pytest -q

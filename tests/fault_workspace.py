@@ -36,6 +36,7 @@ seed: 0
 model: {profile: micro, dtype: float32, spec: {lm_layers: 4}}
 data: {seed: 0, image_size: 32, num_captions: 64, num_instruct: 96, num_vqa_test: 20, text_qa_repeats: 2,
        digits_test_fraction: 0.9}
+vision_pretrain: {train: {max_steps: 0}}   # the micro tower stays random here
 lm_pretrain:
   lr: 0.003
   seq_len: 32

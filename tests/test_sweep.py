@@ -28,6 +28,7 @@ SWEEP_PARAMS = """\
 seed: 0
 model: {profile: micro, dtype: float32, spec: {lm_layers: 4}}
 data: {seed: 0, image_size: 32, num_captions: 32, num_instruct: 48, num_vqa_test: 12, text_qa_repeats: 1}
+vision_pretrain: {train: {max_steps: 0}}   # the micro tower stays random here
 lm_pretrain:
   lr: 0.003
   seq_len: 32
