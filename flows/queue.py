@@ -14,7 +14,6 @@ the per-selection form. The queue runs in this repository, one experiment at a t
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +57,7 @@ def queue_study(params_file: str, runs: list[str] | None = None, prefix: str = "
     if unknown:
         raise QueueError(f"--runs {unknown}: not selections of {params_file} (the baseline `{BASELINE}` is in every one)")
     current = REPO / "params.yaml"
-    committed = current.read_text()
+    before = current.read_text()
     names = []
     try:
         current.write_text(source.read_text())  # a queued experiment takes the workspace's params as they are now
@@ -67,10 +66,12 @@ def queue_study(params_file: str, runs: list[str] | None = None, prefix: str = "
             dvc("exp", "run", "--queue", "--name", name, *[a for o in selection_overrides(params, run) for a in ("-S", o)])
             names.append(name)
     finally:
-        current.write_text(committed)
+        current.write_text(before)
     if run_queue:
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        if "MLFLOW_TRACKING_URI" not in os.environ:
+        from flows.pipeline import dvc_env
+
+        env = dvc_env()  # the stages' `python` is this interpreter
+        if "MLFLOW_TRACKING_URI" not in env:
             # Queued experiments run in temporary copies of the repo: point them at this repo's store, and create the
             # MLflow experiment here so that its artifacts live here too.
             tracking.setup(params.mlflow.experiment)
