@@ -36,6 +36,9 @@ class ModelParams(_Strict):
     checkpoint: str | None = None  # hf profile: an existing LLaVA checkpoint instead of composing one
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # The conversation format (pipeline/data/chat.py): plain | vicuna_v1 | tokenizer (the LM's own template, e.g.
+    # Llama-3's). null: plain for tiny/micro, vicuna_v1 for a composed hf model, the checkpoint's own otherwise.
+    chat_template: Literal["plain", "vicuna_v1", "tokenizer"] | None = None
 
     @model_validator(mode="after")
     def _check_sources(self):
@@ -48,6 +51,13 @@ class ModelParams(_Strict):
                 raise ValueError(f"profile {self.profile!r} is built offline: vision/language_model/checkpoint must be null")
             self.profile_spec()  # unknown or bad shape fields fail here, at load time
         return self
+
+    def conversation_format(self) -> str:
+        if self.chat_template is not None:
+            return self.chat_template
+        if self.profile != "hf":
+            return "plain"
+        return "tokenizer" if self.checkpoint else "vicuna_v1"
 
     def profile_spec(self) -> ProfileSpec:
         if self.profile == "hf":
@@ -93,6 +103,11 @@ class TrainParams(_Strict):
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(10, ge=1)
     bf16: bool = False  # GPU only
+    # The input pipeline (pipeline/data/encoding.py): samples encoded lazily, per record, in this many DataLoader
+    # worker processes (0: in the training process), or eagerly before training; auto: eager only for small data.
+    dataloader_num_workers: int = Field(0, ge=0)
+    preprocess: Literal["auto", "eager", "lazy"] = "auto"
+    group_by_modality_length: bool = False  # LLaVA's batches of one modality and similar lengths
     distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="after")

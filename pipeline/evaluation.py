@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline import data as D
-from pipeline.model import prompt_text
+from pipeline.data.chat import processor_inputs
 
 
 def normalise(text: str) -> str:
@@ -45,17 +45,16 @@ class GenerationTiming:
 
 @torch.no_grad()
 def visual_accuracy(model, processor, records, *, max_new_tokens: int, batch_size: int, timing: GenerationTiming) -> dict:
-    """Exact-match accuracy (after lower-casing and stripping punctuation) per question type and overall."""
+    """Exact-match accuracy (after lower-casing and stripping punctuation) of the answer to each record's first
+    question, per question type and overall; text-only records are asked without an image."""
     model.eval()
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     hits: dict[str, list[int]] = defaultdict(list)
     examples = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        prompts = [prompt_text(r["conversations"][0]["value"]) for r in batch]
-        images = [r["image"].convert("RGB") for r in batch]
-        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
+        inputs = processor_inputs(processor, batch, with_answers=False, padding_side="left")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
         t0 = time.perf_counter()
         answers, n_new = _generate(model, inputs, max_new_tokens, tokenizer)
         timing.seconds += time.perf_counter() - t0

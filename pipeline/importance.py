@@ -51,7 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model import _unwrap, decoder_layers, image_token_id, prompt_text, text_config
+from pipeline.data.chat import processor_inputs
+from pipeline.model import _unwrap, decoder_layers, image_token_id, text_config
 
 EPS = 1e-12
 HIDDEN_METRICS = ("bi", "angular", "bi_image", "bi_text", "mm_bi")
@@ -415,17 +416,23 @@ def param_delta_scores(
     return change, angular
 
 
+def calibration_sample(records, n: int, *, seed: int, source: str = "dataset") -> list[dict]:
+    """A seeded sample of `n` image records (text-only ones skipped; a multi-turn record kept whole), in data order."""
+    import random
+
+    from pipeline.data.schema import DataError, image_record_indices
+
+    with_image = image_record_indices(records)
+    if not with_image:
+        raise DataError(f"{source}: no record has an image, so there is nothing to calibrate layer importance on")
+    picked = sorted(random.Random(f"calibration/{seed}").sample(with_image, min(n, len(with_image))))
+    return [records[i] for i in picked]
+
+
 def calibration_batches(processor, records, batch_size: int) -> list[dict]:
-    """Image + full conversation (question and answer) as the model saw them in training."""
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right"
-    batches = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        texts = [prompt_text(r["conversations"][0]["value"]) + " " + r["conversations"][1]["value"] for r in chunk]
-        images = [r["image"].convert("RGB") for r in chunk]
-        batches.append(dict(processor(images=images, text=texts, padding=True, return_tensors="pt")))
-    return batches
+    """Image + whole conversation (every question and answer), rendered as the model saw them in training."""
+    return [processor_inputs(processor, records[start : start + batch_size], with_answers=True, padding_side="right")
+            for start in range(0, len(records), batch_size)]
 
 
 def layer_importance(

@@ -17,16 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data import IMAGE_TOKEN, PROMPT_TEMPLATE
+from pipeline.data.chat import IMAGE_TOKEN, set_chat_template
 from pipeline.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-
-
-def prompt_text(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question)
 
 
 class ModelStructureError(ValueError):
@@ -130,6 +126,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="right", model_max_length=4096,
     )
+    set_chat_template(fast, "plain")  # the tiny and micro profiles' conversation format (data/chat.py)
     return fast
 
 
@@ -212,9 +209,11 @@ def _warn_remote_code(trust_remote_code: bool) -> None:
         warnings.warn("trust_remote_code=True: code shipped with the checkpoint will run on this machine", stacklevel=3)
 
 
-def compose_llava(vision_path: str, lm_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def compose_llava(vision_path: str, lm_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                  chat_template: str = "tokenizer"):
     """A fresh LlavaForConditionalGeneration: the given vision encoder + causal LM, a new 2-layer GELU projector,
-    features from the vision tower's second-to-last layer. Returns (model, processor)."""
+    features from the vision tower's second-to-last layer. Returns (model, processor). `chat_template` (a name of
+    data/chat.py): the conversation format the tokenizer gets; ``tokenizer`` keeps the LM's own."""
     from transformers import (
         AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig,
         LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionModel,
@@ -240,6 +239,7 @@ def compose_llava(vision_path: str, lm_path: str, *, dtype: torch.dtype = torch.
             "composing a LLaVA needs a Llama-style causal LM (Llama, Mistral, Qwen2, Vicuna, ...)"
         )
     tokenizer = AutoTokenizer.from_pretrained(lm_path, trust_remote_code=trust_remote_code)
+    set_chat_template(tokenizer, chat_template)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -374,18 +374,6 @@ def image_token_id(model: nn.Module) -> int:
         if getattr(cfg, name, None) is not None:
             return int(getattr(cfg, name))
     raise ModelStructureError(f"{type(_unwrap(model)).__name__} config has no image token id")
-
-
-def num_image_tokens(processor) -> int:
-    """How many placeholder tokens the processor puts in for one image."""
-    from PIL import Image
-
-    size = processor.image_processor.crop_size or processor.image_processor.size
-    h = size.get("height", size.get("shortest_edge"))
-    w = size.get("width", size.get("shortest_edge"))
-    out = processor(images=Image.new("RGB", (w, h)), text=IMAGE_TOKEN, return_tensors="pt")
-    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    return int((out["input_ids"] == image_id).sum())
 
 
 def build_offline_parts(spec: ProfileSpec, texts: Iterable[str], out_dir: Path, seed: int = 0) -> tuple[Path, Path]:

@@ -66,18 +66,21 @@ class VisionLanguageModel(mlflow.pyfunc.PythonModel):
         import torch
         from PIL import Image
 
+        from pipeline.data.chat import IMAGE_TOKEN, processor_inputs
         from pipeline.evaluation import _generate
-        from pipeline.model import IMAGE_TOKEN, prompt_text
 
         rows = model_input.to_dict("records")
         if not rows:
             return []
-        images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
-        questions = [str(r["question"]) for r in rows]
-        prompts = [prompt_text(q if IMAGE_TOKEN in q else f"{IMAGE_TOKEN}\n{q}") for q in questions]
+        records = []
+        for r in rows:
+            question = str(r["question"])
+            records.append({"image": Image.open(io.BytesIO(r["image"])),
+                            "conversations": [{"from": "human", "value": question if IMAGE_TOKEN in question
+                                               else f"{IMAGE_TOKEN}\n{question}"}]})
         tokenizer = self.processor.tokenizer
-        tokenizer.padding_side = "left"
-        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.model.device)
+        inputs = processor_inputs(self.processor, records, with_answers=False, padding_side="left")
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         with torch.no_grad():
             answers, _ = _generate(self.model, inputs, int((params or {}).get("max_new_tokens", 16)), tokenizer)
         return [a.strip() for a in answers]

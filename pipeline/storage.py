@@ -78,7 +78,12 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
             old.rmdir()
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # the previous version goes back: a failed swap leaves out_dir as it was
+                os.replace(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -76,9 +76,12 @@ def tree_hash(path: str | os.PathLike) -> str:
 
 
 def pipeline_key(params) -> dict:
-    """What identifies one pipeline run: the code, the data and the params that shape every layer-selection run."""
+    """What identifies one pipeline run: the code, the data (the content hash `prepare` recorded, so the data is
+    not re-read) and the params that shape every layer-selection run."""
+    from pipeline.data.schema import content_hash
+
     return {
-        "git_commit": git_commit(), "data_hash": tree_hash("data/prepared"), "seed": params.seed,
+        "git_commit": git_commit(), "data_hash": content_hash("data/prepared"), "seed": params.seed,
         "model": params.model.model_dump_json(), "tune": params.tune.model_dump_json(),
     }
 

@@ -19,138 +19,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import model as M
 from pipeline.config import TrainParams
-from pipeline.data import DataError
+from pipeline.data.encoding import ModalityLengthSampler, VisualCollator, modality_lengths, num_image_tokens, visual_samples
+from pipeline.data.images import to_rgb
 
 log = logging.getLogger(__name__)
-IGNORE = -100
-
-
-class OverLengthError(DataError):
-    """A sample is longer than max_length and the params say refuse (`on_overflow: refuse`)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Encoding
+# Vision-tower and text pretraining data (tiny / micro profiles only: small, encoded once)
 # --------------------------------------------------------------------------------------------------------------
-def encode_conversation(
-    tokenizer, conversations: list[dict], *, n_image_tokens: int, max_length: int, on_overflow: str, record_id: str
-) -> tuple[list[int], list[int], bool]:
-    """Token ids and labels (answer tokens only) for one LLaVA-format conversation; `<image>` is expanded to the
-    vision tower's number of patch tokens. Returns (input_ids, labels, truncated)."""
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels = [IGNORE] * len(ids)
-    turns = list(conversations)
-    if len(turns) % 2 or not turns:
-        raise DataError(f"record {record_id}: field 'conversations' must alternate human/gpt turns, got {len(turns)} turns")
-    for k in range(0, len(turns), 2):
-        human, gpt = turns[k], turns[k + 1]
-        if human.get("from") != "human" or gpt.get("from") != "gpt":
-            raise DataError(f"record {record_id}: field 'conversations' turn {k} must be human then gpt")
-        question = human["value"].replace(M.IMAGE_TOKEN, M.IMAGE_TOKEN * n_image_tokens)
-        prompt = tokenizer(M.prompt_text(question), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(" " + gpt["value"].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids += prompt + answer
-        labels += [IGNORE] * len(prompt) + answer
-    truncated = len(ids) > max_length
-    if truncated:
-        if on_overflow == "refuse":
-            raise OverLengthError(
-                f"record {record_id}: {len(ids)} tokens exceed max_length {max_length} (on_overflow: refuse)"
-            )
-        ids, labels = ids[:max_length], labels[:max_length]
-    return ids, labels, truncated
-
-
-def encode_visual_dataset(
-    ds: datasets.Dataset, processor, *, max_length: int, on_overflow: str, source: str = "dataset", params_key: str = "train"
-) -> tuple[datasets.Dataset, int]:
-    """Tokenise and preprocess images once, before training (kept in memory: nothing is written beside the data).
-    Returns (dataset with input_ids/labels/pixel_values, number of truncated samples). `source` names the dataset and
-    `params_key` the params section of max_length / on_overflow in the errors (e.g. `tune.train`)."""
-    n_image = M.num_image_tokens(processor)
-    if max_length <= n_image + 8:
-        raise ValueError(f"{params_key}.max_length {max_length} leaves no room for text after {n_image} image tokens")
-    tokenizer = processor.tokenizer
-    size = processor.image_processor.crop_size or processor.image_processor.size
-    placeholder_shape = (3, size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge")))
-
-    def encode(batch, indices):
-        out = {"input_ids": [], "labels": [], "truncated": []}
-        for i, rid, conv in zip(indices, batch["id"], batch["conversations"]):
-            try:
-                ids, labels, cut = encode_conversation(
-                    tokenizer, conv, n_image_tokens=n_image, max_length=max_length, on_overflow=on_overflow,
-                    record_id=f"{i}, id={rid!r}",
-                )
-            except OverLengthError as err:
-                raise DataError(f"{source}: {err}: raise {params_key}.max_length, or set "
-                                f"{params_key}.on_overflow: truncate") from None
-            except DataError as err:
-                raise DataError(f"{source}: {err}") from None
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["truncated"].append(cut)
-        # Text-only records (e.g. ShareGPT turns in LLaVA-665K) get a zero placeholder and has_image=False.
-        images = [im.convert("RGB") for im in batch["image"] if im is not None]
-        pixels = iter(processor.image_processor(images, return_tensors="np")["pixel_values"] if images else [])
-        out["pixel_values"], out["has_image"] = [], []
-        for im in batch["image"]:
-            out["has_image"].append(im is not None)
-            out["pixel_values"].append(next(pixels) if im is not None else None)
-        shape = next((p.shape for p in out["pixel_values"] if p is not None), None) or placeholder_shape
-        out["pixel_values"] = [p if p is not None else np.zeros(shape, dtype=np.float32) for p in out["pixel_values"]]
-        return out
-
-    # pixel_values as a fixed-shape Array3D: the torch formatter then converts a batch in one call instead of walking
-    # 3 x H x W nested lists (that walk was 40% of a tiny training step).
-    first = next((im for im in ds.select_columns("image") if im["image"] is not None), None)
-    shape = (tuple(processor.image_processor([first["image"].convert("RGB")], return_tensors="np")["pixel_values"].shape[1:])
-             if first is not None else placeholder_shape)
-    features = datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int64")), "labels": datasets.Sequence(datasets.Value("int64")),
-        "truncated": datasets.Value("bool"), "pixel_values": datasets.Array3D(shape=shape, dtype="float32"),
-        "has_image": datasets.Value("bool"),
-    })
-    encoded = ds.map(encode, batched=True, with_indices=True, batch_size=256, remove_columns=ds.column_names,
-                     keep_in_memory=True, features=features)
-    truncated = int(sum(encoded["truncated"]))
-    if truncated:
-        log.warning("%d of %d samples of %s were longer than %s.max_length %d and were truncated", truncated, len(ds),
-                    source, params_key, max_length)
-    encoded = encoded.remove_columns("truncated").with_format("torch")
-    return encoded, truncated
-
-
-@dataclass
-class VisualCollator:
-    pad_token_id: int
-
-    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = b["input_ids"], b["labels"], 1
-        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        with_image = [b["pixel_values"] for b in batch if b["has_image"]]
-        if with_image:  # LLaVA matches image features to <image> tokens in order, so text-only rows need none
-            out["pixel_values"] = torch.stack(with_image).float()
-        return out
-
-
 def image_text_dataset(ds: datasets.Dataset, image_processor) -> datasets.Dataset:
     """Caption records (the gpt turn is the caption) -> {pixel_values, caption}, images preprocessed once, for
     contrastive pretraining of a vision tower."""
 
     def encode(batch):
-        pixels = image_processor([im.convert("RGB") for im in batch["image"]], return_tensors="np")["pixel_values"]
+        pixels = image_processor([to_rgb(im) for im in batch["image"]], return_tensors="np")["pixel_values"]
         return {"pixel_values": list(pixels), "caption": [conv[1]["value"] for conv in batch["conversations"]]}
 
-    first = image_processor([ds[0]["image"].convert("RGB")], return_tensors="np")["pixel_values"]
+    first = image_processor([to_rgb(ds[0]["image"])], return_tensors="np")["pixel_values"]
     features = datasets.Features({"pixel_values": datasets.Array3D(shape=first.shape[1:], dtype="float32"),
                                   "caption": datasets.Value("string")})
     return ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, keep_in_memory=True,
@@ -247,6 +134,7 @@ def train(
     ckpt_dir: Path,
     seed: int,
     fingerprint: dict,
+    lengths: list[int] | None = None,
 ) -> TrainResult:
     """Run the transformers Trainer with our optimizer (trainable parameters only), resuming from the latest
     checkpoint in `ckpt_dir` when it was written for the same `fingerprint`.
@@ -254,7 +142,8 @@ def train(
     Under a multi-process launch (pipeline/distributed.py) every rank calls this; the Trainer sets up the process
     group and the DDP / FSDP / DeepSpeed wrapping from `params.distributed`, rank 0 alone prepares `ckpt_dir` and
     writes the checkpoints, and every rank resumes from the same one. After a sharded run the trained weights are
-    returned gathered in `TrainResult.full_state_dict` (the model object itself is left sharded)."""
+    returned gathered in `TrainResult.full_state_dict` (the model object itself is left sharded). `lengths` (one per
+    sample, negative for text-only ones): batches grouped by modality and length (data.encoding.ModalityLengthSampler)."""
     from transformers import TrainingArguments, set_seed
 
     from pipeline import distributed as D
@@ -283,7 +172,8 @@ def train(
         data_seed=seed,
         report_to=[],
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=params.dataloader_num_workers,
+        dataloader_persistent_workers=params.dataloader_num_workers > 0,
         bf16=params.bf16 and cuda,
         tf32=cuda or None,
         use_cpu=not cuda,
@@ -295,8 +185,13 @@ def train(
     resume = D.broadcast_from_main(resume)  # rank 0 decided (and cleaned up); every rank resumes alike
     if resume:
         log.info("resuming from the latest checkpoint in %s", ckpt_dir)
+    sampler = None
+    if lengths is not None:
+        sampler = ModalityLengthSampler(lengths, params.batch_size * args.gradient_accumulation_steps * D.world_size(),
+                                        seed=seed)
     trainer = _trainer_class()(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, own_optimizer=optimizer
+        model=model, args=args, train_dataset=dataset, data_collator=collator, own_optimizer=optimizer,
+        train_sampler=sampler,
     )
     if D.is_distributed() and params.distributed.strategy == "fsdp" and not trainer.is_fsdp_enabled:
         raise ValueError(  # accelerate silently falls back to DDP where it has no FSDP (on CPU processes)
@@ -363,9 +258,15 @@ def _trainer_class():
         untrained weights; for a peft model it saved the adapters but not the trainable projector. FSDP and
         DeepSpeed keep their own (sharded) checkpoints, which use the in-memory names."""
 
-        def __init__(self, *args, own_optimizer: torch.optim.Optimizer, **kwargs):
+        def __init__(self, *args, own_optimizer: torch.optim.Optimizer, train_sampler=None, **kwargs):
             super().__init__(*args, **kwargs)
             self._own_optimizer = own_optimizer
+            self._own_sampler = train_sampler
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self._own_sampler is not None:
+                return self._own_sampler
+            return super()._get_train_sampler(train_dataset)
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -439,8 +340,9 @@ def train_visual(
         optimizer_state_bytes, trainability_report,
     )
 
-    encoded, truncated = encode_visual_dataset(dataset, processor, max_length=params.max_length,
-                                               on_overflow=params.on_overflow, source=data_name, params_key=params_key)
+    samples, truncated = visual_samples(dataset, processor, max_length=params.max_length, on_overflow=params.on_overflow,
+                             preprocess=params.preprocess, source=data_name, params_key=params_key)
+    lengths = modality_lengths(dataset, num_image_tokens(processor)) if params.group_by_modality_length else None
     torch.manual_seed(seed)  # LoRA adapters are initialised from the global RNG
     trainable = apply_trainability(model, trainability)
     stop = install_backward_stop(trainable)  # no graph below the lowest trainable layer when nothing upstream trains
@@ -448,8 +350,8 @@ def train_visual(
     optimizer = build_optimizer(trainable, projector_lr=projector_lr, lm_lr=lm_lr, weight_decay=params.weight_decay)
     collator = VisualCollator(pad_token_id=processor.tokenizer.pad_token_id)
     result = train(
-        trainable, encoded, collator=collator, optimizer=optimizer, params=params, ckpt_dir=ckpt_dir, seed=seed,
-        fingerprint=fingerprint,
+        trainable, samples, collator=collator, optimizer=optimizer, params=params, ckpt_dir=ckpt_dir, seed=seed,
+        fingerprint=fingerprint, lengths=lengths,
     )
     report["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     stop.remove()

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import logging
 import random
 import re
@@ -377,14 +378,14 @@ def test_prepare_all_failure_in_swap_restores_previous(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous run")
-    real_replace = D.os.replace
+    real_replace = os.replace
 
     def flaky_replace(src, dst):
         if Path(src).name.startswith(".out.tmp-"):
             raise OSError("rename failed (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(D.os, "replace", flaky_replace)
+    monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="simulated"):
         D.prepare_all(D.DataConfig(image_size=32, **SMALL), out)
     assert (out / "keep.txt").read_text() == "previous run"
@@ -397,7 +398,11 @@ def test_prepare_all_with_imported_llava(tmp_path):
     assert counts["visual/imported"] == 4
     visual = datasets.load_from_disk(str(tmp_path / "out" / "visual"))
     imported = visual["imported"]
-    assert imported[0]["image"].size == (32, 32)
+    # stored as the file's own bytes: not resized, not re-encoded
+    assert imported[0]["image"].size == (16, 16)
+    source = json.loads((FIXTURE_DIR / "data.json").read_text())[0]["image"]
+    raw = visual["imported"].cast_column("image", datasets.Image(decode=False))[0]["image"]["bytes"]
+    assert raw == (FIXTURE_DIR / source).read_bytes()
     assert imported[3]["image"] is None
 
 
@@ -583,7 +588,8 @@ def test_image_modes_convert_and_refuse(tmp_path, mode):
     path = write_json(tmp_path / "data.json", [good_record("m-1", f"img{suffix}")])
 
     ds, report = D.import_llava_json(path, tmp_path, image_mode="convert")
-    img = ds[0]["image"]
+    assert ds[0]["image"].mode == mode  # stored as it was; converted when read
+    img = D.to_rgb(ds[0]["image"])
     assert img.mode == "RGB" and img.getpixel((4, 4)) == expected
     assert report.converted_modes == {mode: 1}
     if mode == "I;16":
@@ -599,6 +605,6 @@ def test_image_modes_convert_and_refuse(tmp_path, mode):
 def test_cmyk_jpeg_converts(tmp_path):
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "img.jpg", format="JPEG")
     path = write_json(tmp_path / "data.json", [good_record("j", "img.jpg")])
-    ds, _ = D.import_llava_json(path, tmp_path, resize_to=4)
-    r, g, b = ds[0]["image"].getpixel((2, 2))
-    assert ds[0]["image"].size == (4, 4) and r > 200 and g < 60 and b < 60
+    ds, _ = D.import_llava_json(path, tmp_path)
+    r, g, b = D.to_rgb(ds[0]["image"]).getpixel((2, 2))
+    assert ds[0]["image"].size == (8, 8) and r > 200 and g < 60 and b < 60
