@@ -96,6 +96,7 @@ def main(argv: list[str]) -> None:
     import datasets
 
     from pipeline import data as D, model as M
+    from pipeline.data.chat import set_chat_template
     from pipeline.storage import atomic_write_json
 
     params = load_params()
@@ -104,15 +105,18 @@ def main(argv: list[str]) -> None:
     if params.model.profile == "hf":
         if params.model.checkpoint:
             model, processor = M.load_vlm(params.model.checkpoint, dtype=dtype, trust_remote_code=params.model.trust_remote_code)
+            set_chat_template(processor.tokenizer, params.model.conversation_format())
         else:
             model, processor = M.compose_llava(
-                params.model.vision, params.model.language_model, dtype=dtype, trust_remote_code=params.model.trust_remote_code
+                params.model.vision, params.model.language_model, dtype=dtype,
+                trust_remote_code=params.model.trust_remote_code, chat_template=params.model.conversation_format(),
             )
     else:
         text = datasets.load_from_disk(f"data/prepared/{D.TEXT_DIR}")
         qa = list(datasets.load_from_disk(f"data/prepared/{D.TEXT_QA_DIR}"))
         metrics |= pretrain_tiny_lm(params, list(text["train"]["text"]), list(text["test"]["text"]), qa)
-        model, processor = M.compose_llava(metrics.pop("vision_dir"), metrics.pop("lm_dir"), dtype=dtype)
+        model, processor = M.compose_llava(metrics.pop("vision_dir"), metrics.pop("lm_dir"), dtype=dtype,
+                                           chat_template=params.model.conversation_format())
     metrics["decoder_layers"] = M.num_decoder_layers(model)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     M.save_vlm(model, processor, OUT)

@@ -35,8 +35,9 @@ def main(argv: list[str]) -> None:
     except ValueError as err:
         raise ValueError(f"prune.num_layers={cfg.num_layers} for run {name!r}: {err}") from None
 
-    calib = datasets.load_from_disk("data/prepared/visual")["instruct_train"]
-    calib = [calib[i] for i in range(min(cfg.calibration_samples, len(calib)))]
+    instruct = datasets.load_from_disk("data/prepared/visual")["instruct_train"]
+    calib = importance.calibration_sample(instruct, cfg.calibration_samples, seed=params.seed,
+                                          source="data/prepared/visual, split 'instruct_train'")
     base_state = {}
     for f in sorted(Path("models/projector").glob("*.safetensors")):
         base_state |= load_file(f)
