@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
                 "trainable_fraction": report["trainable_fraction"], "optimizer_state_bytes": report["optimizer_state_bytes"],
                 "truncated_samples": report["truncated_samples"],
             }
-            mlflow.log_metrics(metrics)
+            mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})  # truncated: None when lazy
             selection = {"run": name, "layers": layers, "num_decoder_layers": M.num_decoder_layers(tuned),
                          "mlflow_run_id": mlrun.info.run_id, **{k: v for k, v in run_params.items() if k != "layers"}}
             mlflow.log_dict(report, "trainability.json")
