@@ -124,3 +124,29 @@ def test_flop_model_textbook_limits(tb):
     assert gc["all_full"]["layers_recompute"] == gc["all_full"]["layers_fwd"]
     assert gc["top25_full_projector_frozen"]["layers_recompute"] == pytest.approx(gc["all_full"]["layers_fwd"] / 4)
     assert gc["all_full"]["model_flops"] == flops["all_full"]["model_flops"]
+
+
+# ---------------------------------------------------------------------------------------------------- data scaling
+@pytest.mark.slow
+def test_data_bench_tiny(tmp_path):
+    """The data-scaling bench runs the real stages on two tiny LLaVA-format datasets (~1.5 min on 2 cores)."""
+    out = tmp_path / "data.json"
+    proc = run("data_bench.py", "--sizes", "12", "24", "--max-steps", "2", "--input-batches", "6", "--preprocess", "lazy",
+               "--workdir", str(tmp_path / "work"), "--json", str(out))
+    result = json.loads(out.read_text())
+    stages = ["prepare", "build_base", "pretrain_projector", "tune"]
+    rows = {(r["stage"], r["size"]): r for r in result["rows"]}
+    assert set(rows) == {(s, n) for s in stages for n in (12, 24)}
+    for key, r in rows.items():
+        assert r["status"] == "ok", (key, r.get("log_tail"))
+        for field in ("seconds", "peak_rss_main_bytes", "peak_rss_hwm_bytes", "peak_rss_tree_bytes"):
+            assert positive(r[field]), (key, field, r[field])
+        assert r["peak_rss_tree_bytes"] >= r["peak_rss_main_bytes"]
+    assert rows[("tune", 24)]["records"] == 24 and positive(rows[("tune", 24)]["records_per_s"])
+    for s in result["per_size"]:
+        assert s["instruct_records"] > s["caption_records"] > 0  # ~10% text-only records
+        assert positive(s["image_bytes"]) and positive(s["prepared_bytes"])
+        assert s["input_pipeline"]["available"] is True and positive(s["input_pipeline"]["samples_per_s"])
+    assert set(result["scaling"]) == set(stages) and result["scaling"]["tune"]["available"]
+    assert not (tmp_path / "work" / "ws-12").exists()  # workspaces are removed without --keep
+    assert "| stage | N | status | seconds |" in proc.stdout and result["markdown"] in proc.stdout
