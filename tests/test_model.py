@@ -12,6 +12,7 @@ from torch import nn
 
 from conftest import MICRO_TEXTS
 from pipeline import model as M
+from pipeline.data.encoding import num_image_tokens
 
 PROMPT = "USER: <image>\nWhat colour is the circle? ASSISTANT:"
 
@@ -110,13 +111,13 @@ def test_compose_rejects_a_non_vision_encoder(parts):
 def test_num_image_tokens(micro):
     _, processor = micro
     spec = M.PROFILES["micro"]
-    assert M.num_image_tokens(processor) == (spec.image_size // spec.patch_size) ** 2 == 16
+    assert num_image_tokens(processor) == (spec.image_size // spec.patch_size) ** 2 == 16
 
 
 def test_processor_expands_image_token(micro):
     model, processor = micro
     out = processor(images=image(), text=PROMPT, return_tensors="pt")
-    assert int((out["input_ids"] == M.image_token_id(model)).sum()) == M.num_image_tokens(processor)
+    assert int((out["input_ids"] == M.image_token_id(model)).sum()) == num_image_tokens(processor)
     assert tuple(out["pixel_values"].shape) == (1, 3, 32, 32)
 
 
@@ -156,7 +157,7 @@ def test_load_vlm_round_trip(micro_dir, micro):
     model, _ = micro
     again, processor = M.load_vlm(micro_dir)
     state_dicts_equal(model, again)
-    assert M.num_image_tokens(processor) == 16
+    assert num_image_tokens(processor) == 16
 
 
 def test_load_vlm_without_weights(tmp_path, micro_dir):
@@ -264,7 +265,7 @@ def test_siglip_composes_round_trips_and_generates(siglip_parts, tmp_path):
     assert isinstance(M.vision_tower(model), SiglipVisionModel)
     assert model.config.vision_feature_layer == -2
     assert model.config.vision_feature_select_strategy == "full"  # SigLIP has no CLS token to drop
-    assert M.num_image_tokens(processor) == 16
+    assert num_image_tokens(processor) == 16
 
     M.save_vlm(model, processor, tmp_path / "siglip")
     assert list((tmp_path / "siglip").glob("*.safetensors")) and not list((tmp_path / "siglip").glob("*.bin"))

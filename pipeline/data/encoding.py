@@ -155,7 +155,8 @@ def modality_lengths(records: datasets.Dataset, n_image_tokens: int) -> list[int
     """Per record, an estimate of its length in tokens (words of every turn, plus the image tokens), negative for a
     text-only record: LLaVA's `modality_lengths`. Read from the Arrow columns, never decoding an image."""
     lengths: list[int] = []
-    for batch in records.select_columns(["conversations", "image"]).with_format("arrow").iter(batch_size=10_000):
+    # 1,000 rows a batch: a batch may copy its rows' image bytes, so memory stays bounded
+    for batch in records.select_columns(["conversations", "image"]).with_format("arrow").iter(batch_size=1000):
         conversations = batch.column("conversations")
         conversations = conversations.combine_chunks() if isinstance(conversations, pa.ChunkedArray) else conversations
         values = pc.struct_field(conversations.flatten(), "value")

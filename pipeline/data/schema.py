@@ -179,7 +179,8 @@ def image_record_indices(records: datasets.Dataset) -> list[int]:
 
     found: list[int] = []
     offset = 0
-    for batch in records.select_columns(["image"]).with_format("arrow").iter(batch_size=100_000):
+    # 1,000 rows a batch: a batch may copy its rows' image bytes, so memory stays bounded
+    for batch in records.select_columns(["image"]).with_format("arrow").iter(batch_size=1000):
         valid = pc.is_valid(batch.column("image")).to_numpy(zero_copy_only=False)
         found += [offset + int(i) for i in valid.nonzero()[0]]
         offset += batch.num_rows
