@@ -260,6 +260,7 @@ def stage_workspace(micro4_dir, tmp_path_factory):
                                "save_steps": 1, "logging_steps": 1}
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
     datasets.DatasetDict({"instruct_train": W.dataset()}).save_to_disk(str(ws / "data" / "prepared" / "visual"))
+    (ws / "data" / "prepared" / "manifest.json").write_text('{"content_hash": "hand-made"}')  # what prepare writes
     shutil.copytree(micro4_dir, ws / "models" / "projector")
     return ws
 
