@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.data.chat import IGNORE_INDEX, OverLengthError, encode_conversation
+from pipeline.data.chat import IGNORE_INDEX, IMAGE_TOKEN, OverLengthError, encode_conversation
 from pipeline.data.images import to_rgb
 from pipeline.data.schema import DataError
 
@@ -37,8 +37,6 @@ EAGER_MAX_BYTES = 256 << 20
 def num_image_tokens(processor) -> int:
     """How many placeholder tokens the processor puts in for one image."""
     from PIL import Image
-
-    from pipeline.data.chat import IMAGE_TOKEN
 
     height, width = image_shape(processor)[1:]
     out = processor(images=Image.new("RGB", (width, height)), text=IMAGE_TOKEN, return_tensors="pt")

@@ -387,7 +387,7 @@ def _validate_chunks(chunks: list[tuple[int, int]], work_file: str, source: str,
     """One worker's share of the records: each validated into a prepared record, or an error row."""
     path, folder = Path(source), Path(image_dir)
     done, start, last_log = 0, time.perf_counter(), time.perf_counter()
-    mine = sum(1 for _ in chunks) * CHUNK
+    mine = len(chunks) * CHUNK
     with open(work_file, "rb") as f:
         for begin, end in chunks:
             f.seek(begin)
