@@ -70,8 +70,8 @@ deploy: setup
 worker: setup
 	PREFECT_API_URL=$(PREFECT_API_URL) prefect worker start --pool $(POOL) --type process
 
-# The layer-selection sweep (README "A layer-selection sweep across machines"; `make deploy` once first): this shell
-# runs the parent (the shared stages, then the report); one child flow run per selection goes to the workers.
+# The layer-selection sweep (flows/sweep/; README "A layer-selection sweep across machines"; `make deploy` once first):
+# this shell runs the parent (the shared stages, then the report); one child flow run per selection goes to the workers.
 SWEEP_PARAMS ?= params/study.yaml
 .PHONY: sweep sweep-worker
 sweep: setup

@@ -665,9 +665,9 @@ def main(argv=None) -> int:
         return input_pipeline_worker(args)
 
     sys.path.insert(0, str(REPO / "bench"))
-    import _llava as L
+    import _llava
 
-    env_info = L.environment("cpu")
+    env_info = _llava.environment("cpu")
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = int(args.rss_limit_gb * 1e9) if args.rss_limit_gb else int(0.85 * mem_total)
     own_workdir = args.workdir is None
@@ -706,7 +706,7 @@ def main(argv=None) -> int:
             "environment": env_info | {"loadavg_1m_after": os.getloadavg()[0], "mem_total_bytes": mem_total},
             "workdir": str(work) if args.keep else None,
         }
-        L.publish(result, markdown(result), args.json)
+        _llava.publish(result, markdown(result), args.json)
         return 0 if all(r.get("rc") == 0 for r in rows) else 1
     finally:
         if not args.keep:

@@ -34,11 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import _llava as L  # noqa: E402  (sets sys.path to the repo root)
+import _llava  # noqa: E402  (sets sys.path to the repo root)
 import torch  # noqa: E402
 
-from pipeline import pruning as P  # noqa: E402
-from pipeline import selection as S  # noqa: E402
+from pipeline import pruning  # noqa: E402
+from pipeline import selection  # noqa: E402
 
 SLACK = 0.03
 
@@ -52,29 +52,29 @@ class _NoProcessor:
 
 def removal_order(num_layers: int, n: int) -> tuple[list[int], list[int]]:
     """(protected visual region, the n layers to remove in order: deepest unprotected first)."""
-    protected = S.select_layers(num_layers, "uniform", 0.25)
+    protected = selection.select_layers(num_layers, "uniform", 0.25)
     unprotected = num_layers - len(protected)
     if not 1 <= n < unprotected:
         raise SystemExit(f"--max-removed must be in 1..{unprotected - 1} for {num_layers} layers "
                          f"({len(protected)} protected: {protected}); got {n}")
     scores = [float(num_layers - i) for i in range(num_layers)]  # deeper = less important
-    chosen = P.choose_layers_to_prune(scores, n, protected)
+    chosen = pruning.choose_layers_to_prune(scores, n, protected)
     return protected, sorted(chosen, reverse=True)
 
 
-def variants(shape: L.Shape, args, tmp: Path) -> list[dict]:
+def variants(shape: _llava.Shape, args, tmp: Path) -> list[dict]:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    base = L.build_model(shape, device=args.device, dtype=dtype, seed=args.seed).eval()
+    base = _llava.build_model(shape, device=args.device, dtype=dtype, seed=args.seed).eval()
     protected, order = removal_order(shape.layers, args.max_removed)
     out = []
     for k in range(args.max_removed + 1):
         model = base if k == 0 and not args.via_export else copy.deepcopy(base)
         removed = sorted(order[:k])
-        kept = P.remove_layers(model, removed, protected=protected) if k else list(range(shape.layers))
+        kept = pruning.remove_layers(model, removed, protected=protected) if k else list(range(shape.layers))
         if args.via_export:
             from transformers import LlavaForConditionalGeneration
 
-            path = P.export_pruned(model, _NoProcessor(), tmp / f"k{k}", removed=removed, kept=kept,
+            path = pruning.export_pruned(model, _NoProcessor(), tmp / f"k{k}", removed=removed, kept=kept,
                                    meta={"bench": "infer"})
             del model
             model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(args.device).eval()
@@ -94,7 +94,7 @@ class _Stamps:
         self.cpu: list[float] = []
 
     def __call__(self, input_ids, scores):
-        L.sync(self.device)
+        _llava.sync(self.device)
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
         return scores
@@ -106,12 +106,12 @@ def generate_timed(model, inputs, n: int, device: str) -> dict[str, tuple[float,
     from transformers import LogitsProcessorList
 
     stamps = _Stamps(device)
-    L.sync(device)
+    _llava.sync(device)
     w0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         ids = model.generate(**inputs, max_new_tokens=n, do_sample=False, num_beams=1, use_cache=True,
                              logits_processor=LogitsProcessorList([stamps]))
-    L.sync(device)
+    _llava.sync(device)
     w1, c1 = time.perf_counter(), time.process_time()
     assert ids.shape[1] == inputs["input_ids"].shape[1] + n, (ids.shape, n)
     assert len(stamps.wall) == n, len(stamps.wall)
@@ -141,14 +141,14 @@ def measure(vs: list[dict], inputs, args) -> None:
                 v["samples"][f"total_{clock}_s"].append(total)
 
 
-def summarize(vs: list[dict], shape: L.Shape, args, env: dict) -> dict:
+def summarize(vs: list[dict], shape: _llava.Shape, args, env: dict) -> dict:
     Lc = shape.layers
     rows = []
     for v in vs:
         row = {"k": v["k"], "layers": Lc - v["k"], "removed": v["removed"], "ideal_ratio": (Lc - v["k"]) / Lc}
         for m in METRICS:
             for clock in CLOCKS:
-                row[f"{m}_{clock}_ms"] = 1000 * L.median(v["samples"][f"{m}_{clock}_s"])
+                row[f"{m}_{clock}_ms"] = 1000 * _llava.median(v["samples"][f"{m}_{clock}_s"])
         # the headline columns use --clock
         row["prefill_ms"] = row[f"prefill_{args.clock}_ms"]
         row["decode_ms_per_token"] = row[f"decode_{args.clock}_ms"]
@@ -209,7 +209,7 @@ def markdown(result: dict) -> str:
         f"repeats after {st['warmup']} warm-up{', exported checkpoints reloaded' if st['via_export'] else ''}; "
         f"load average {env['loadavg_1m']:.2f} -> {env['loadavg_1m_after']:.2f}.",
         "",
-        L.md_table(header, rows),
+        _llava.md_table(header, rows),
         f"- all pruned ratios ({st['clock']} clock) <= (L-k)/L + {SLACK}: "
         f"{'met' if result['targets_met'] else 'NOT met'}",
     ])
@@ -217,7 +217,7 @@ def markdown(result: dict) -> str:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    L.add_shape_args(p, default_preset="cpu-infer")
+    _llava.add_shape_args(p, default_preset="cpu-infer")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="weights dtype (CPU fp32, GPU bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
@@ -249,12 +249,12 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    shape = L.shape_from_args(args)
+    shape = _llava.shape_from_args(args)
     if args.max_removed is None:
         args.max_removed = max(1, shape.layers // 4)
-    args.threads = L.set_threads(args.threads or None)
-    env = L.environment(args.device)
-    inputs = L.batch(shape, device=args.device, seed=args.seed, labels=False)
+    args.threads = _llava.set_threads(args.threads or None)
+    env = _llava.environment(args.device)
+    inputs = _llava.batch(shape, device=args.device, seed=args.seed, labels=False)
     if args.precision == "bf16":
         inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,10 +262,10 @@ def main(argv=None) -> dict:
               flush=True)
         vs = variants(shape, args, Path(tmp))
         print(f"[infer_bench] timing: {args.warmup} + {args.repeats} repeats", file=sys.stderr, flush=True)
-        with L.no_gc():
+        with _llava.no_gc():
             measure(vs, inputs, args)
     result = summarize(vs, shape, args, env)
-    return L.publish(result, markdown(result), args.json)
+    return _llava.publish(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import _llava as L  # noqa: E402  (sets sys.path to the repo root)
+import _llava  # noqa: E402  (sets sys.path to the repo root)
 import torch  # noqa: E402
 
-from pipeline import model as M  # noqa: E402
-from pipeline import selection as S  # noqa: E402
-from pipeline import tuning as T  # noqa: E402
+import pipeline.model  # noqa: E402
+from pipeline import selection  # noqa: E402
+from pipeline import tuning  # noqa: E402
 
 MODES: dict[str, dict] = {
     "all_full": dict(strategy="all", language_model="full", projector="full"),
@@ -87,23 +87,23 @@ TARGET_STATE_RATIO = 0.27
 # --------------------------------------------------------------------------------------------------------------
 # Setup and one step (the Trainer's step)
 # --------------------------------------------------------------------------------------------------------------
-def trainability(mode: str, shape: L.Shape, args) -> T.Trainability:
+def trainability(mode: str, shape: _llava.Shape, args) -> tuning.Trainability:
     m = MODES[mode]
-    layers = () if m["strategy"] is None else tuple(S.select_layers(shape.layers, m["strategy"], args.budget))
+    layers = () if m["strategy"] is None else tuple(selection.select_layers(shape.layers, m["strategy"], args.budget))
     r = args.lora_r or max(4, shape.hidden // 32)  # LLaVA-1.5: r 128 at hidden 4096, alpha 2r
-    lora = T.LoraSpec(r=r, alpha=2 * r, dropout=args.lora_dropout)
-    return T.Trainability(projector=m["projector"], language_model=m["language_model"], layers=layers, lora=lora)
+    lora = tuning.LoraSpec(r=r, alpha=2 * r, dropout=args.lora_dropout)
+    return tuning.Trainability(projector=m["projector"], language_model=m["language_model"], layers=layers, lora=lora)
 
 
-def setup(mode: str, shape: L.Shape, args):
+def setup(mode: str, shape: _llava.Shape, args):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    model = L.build_model(shape, device=args.device, dtype=dtype, seed=args.seed)
+    model = _llava.build_model(shape, device=args.device, dtype=dtype, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = T.apply_trainability(model, trainability(mode, shape, args))
-    T.install_backward_stop(model)
+    model = tuning.apply_trainability(model, trainability(mode, shape, args))
+    tuning.install_backward_stop(model)
     if args.gradient_checkpointing:
-        T.enable_gradient_checkpointing(model)
-    optimizer = T.build_optimizer(model, projector_lr=1e-4, lm_lr=2e-5)
+        tuning.enable_gradient_checkpointing(model)
+    optimizer = tuning.build_optimizer(model, projector_lr=1e-4, lm_lr=2e-5)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, optimizer, params
@@ -124,10 +124,10 @@ def make_step(model, optimizer, params, inputs, args):
 
 
 def timed(step, device: str) -> tuple[float, float]:
-    L.sync(device)
+    _llava.sync(device)
     w0, c0 = time.perf_counter(), time.process_time()
     step()
-    L.sync(device)
+    _llava.sync(device)
     return time.perf_counter() - w0, time.process_time() - c0
 
 
@@ -160,8 +160,8 @@ def _linear_flops(T_: int, in_f: int, out_f: int, full: bool, r: int, need_in: b
     return fwd, bwd
 
 
-def flop_model(model, shape: L.Shape, gradient_checkpointing: bool) -> dict:
-    base = M._unwrap(model)
+def flop_model(model, shape: _llava.Shape, gradient_checkpointing: bool) -> dict:
+    base = pipeline.model._unwrap(model)
     B, Sq, h, V = shape.batch, shape.seq, shape.hidden, shape.vocab
     T_ = B * Sq
     out = {"vision_fwd": 0, "projector_fwd": 0, "projector_bwd": 0, "layers_fwd": 0, "layers_bwd": 0,
@@ -172,16 +172,16 @@ def flop_model(model, shape: L.Shape, gradient_checkpointing: bool) -> dict:
     out["vision_fwd"] = 2 * B * P * 3 * shape.patch**2 * hv + shape.vision_layers * (
         2 * Tv * (4 * hv * hv + 2 * hv * iv) + 4 * B * (P + 1) ** 2 * hv)
     # projector hv -> h -> h on the image tokens
-    proj = M.projector(base)
+    proj = pipeline.model.projector(base)
     p1 = 2 * B * P * hv * h
     p2 = 2 * B * P * h * h
     out["projector_fwd"] = p1 + p2
-    upstream = _trains(proj) or _trains(M.language_model(base).get_input_embeddings())
+    upstream = _trains(proj) or _trains(pipeline.model.language_model(base).get_input_embeddings())
     if _trains(proj):
         out["projector_bwd"] = p1 + 2 * p2  # weight grads of both + input grad of the second
     attn = 4 * B * Sq * Sq * h
     trained_layer_flops = 0
-    for layer in M.decoder_layers(base):
+    for layer in pipeline.model.decoder_layers(base):
         lin = {n: _linear(layer, n) for n in LINEARS}
         need = {}
         flowing = upstream
@@ -212,7 +212,7 @@ def flop_model(model, shape: L.Shape, gradient_checkpointing: bool) -> dict:
     out["model_flops"] = sum(v for k, v in out.items() if k != "layers_recompute")
     out["executed_flops"] = out["model_flops"] + out["layers_recompute"]
     all_linear = sum(2 * T_ * _linear(layer, n)[0] * _linear(layer, n)[1]
-                     for layer in M.decoder_layers(base) for n in LINEARS)
+                     for layer in pipeline.model.decoder_layers(base) for n in LINEARS)
     out["trained_layer_fraction"] = trained_layer_flops / all_linear  # of the layers' linear forward FLOPs
     return out
 
@@ -220,9 +220,9 @@ def flop_model(model, shape: L.Shape, gradient_checkpointing: bool) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # One row in a fresh process: memory, parameters, optimizer state (and timing when --timing isolated)
 # --------------------------------------------------------------------------------------------------------------
-def worker(mode: str, shape: L.Shape, args) -> dict:
+def worker(mode: str, shape: _llava.Shape, args) -> dict:
     model, optimizer, params = setup(mode, shape, args)
-    inputs = L.batch(shape, device=args.device, seed=args.seed)
+    inputs = _llava.batch(shape, device=args.device, seed=args.seed)
     step = make_step(model, optimizer, params, inputs, args)
     cuda = args.device == "cuda"
     if cuda:
@@ -230,25 +230,25 @@ def worker(mode: str, shape: L.Shape, args) -> dict:
         base_mem = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base_mem = L.rss_bytes()
-        L.reset_peak_rss()
+        base_mem = _llava.rss_bytes()
+        _llava.reset_peak_rss()
     times = []
     isolated = args.timing == "isolated"
     n_steps = args.warmup + args.steps if isolated else args.mem_steps
-    with L.no_gc():
+    with _llava.no_gc():
         for i in range(n_steps):
             t = timed(step, args.device)
             if isolated and i >= args.warmup:
                 times.append(t)
-    peak = torch.cuda.max_memory_allocated() if cuda else L.peak_rss_bytes()
-    report = T.trainability_report(model)
+    peak = torch.cuda.max_memory_allocated() if cuda else _llava.peak_rss_bytes()
+    report = tuning.trainability_report(model)
     row = {
         "mode": mode,
         "layers": report["trained_layers"],
         "trainable_params": report["trainable"],
         "total_params": report["total"],
         "trainable_param_bytes": sum(p.numel() * p.element_size() for p in params),
-        "optimizer_state_bytes": T.optimizer_state_bytes(optimizer),
+        "optimizer_state_bytes": tuning.optimizer_state_bytes(optimizer),
         "peak_memory_bytes": int(peak),
         "memory_before_step_bytes": int(base_mem),
         "step_memory_bytes": int(peak - base_mem),
@@ -261,9 +261,9 @@ def worker(mode: str, shape: L.Shape, args) -> dict:
     return row
 
 
-def run_worker(mode: str, shape: L.Shape, args, out: Path) -> dict:
+def run_worker(mode: str, shape: _llava.Shape, args, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", mode, "--_out", str(out), *passthrough(args),
-           *L.shape_argv(shape)]
+           *_llava.shape_argv(shape)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"worker {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -286,14 +286,14 @@ def passthrough(args) -> list[str]:
 # Interleaved timing: every row's model in this process, one step of each per round (shared cores drift slowly,
 # so interleaving keeps the ratios fair)
 # --------------------------------------------------------------------------------------------------------------
-def interleaved_times(modes: list[str], shape: L.Shape, args) -> dict[str, dict[str, list[float]]]:
-    inputs = L.batch(shape, device=args.device, seed=args.seed)
+def interleaved_times(modes: list[str], shape: _llava.Shape, args) -> dict[str, dict[str, list[float]]]:
+    inputs = _llava.batch(shape, device=args.device, seed=args.seed)
     steps = {}
     for mode in modes:
         model, optimizer, params = setup(mode, shape, args)
         steps[mode] = make_step(model, optimizer, params, inputs, args)
     times = {m: {"wall_s": [], "cpu_s": []} for m in modes}
-    with L.no_gc():
+    with _llava.no_gc():
         for r in range(args.warmup + args.steps):
             order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotate: no row always runs first
             for mode in order:
@@ -307,13 +307,13 @@ def interleaved_times(modes: list[str], shape: L.Shape, args) -> dict[str, dict[
 # --------------------------------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------------------------------
-def summarize(rows: list[dict], shape: L.Shape, args, env: dict) -> dict:
+def summarize(rows: list[dict], shape: _llava.Shape, args, env: dict) -> dict:
     ref = next(r for r in rows if r["mode"] == REFERENCE)
-    ref_wall, ref_cpu = L.median(ref["wall_s"]), L.median(ref["cpu_s"])
+    ref_wall, ref_cpu = _llava.median(ref["wall_s"]), _llava.median(ref["cpu_s"])
     ref_state = ref["trainable_param_bytes"] + ref["optimizer_state_bytes"]
     for r in rows:
-        r["step_s"] = L.median(r["wall_s"])
-        r["step_cpu_s"] = L.median(r["cpu_s"])
+        r["step_s"] = _llava.median(r["wall_s"])
+        r["step_cpu_s"] = _llava.median(r["cpu_s"])
         r["step_ratio"] = r["step_s"] / ref_wall
         r["step_cpu_ratio"] = r["step_cpu_s"] / ref_cpu
         r["flop_limit"] = r["flops"]["executed_flops"] / ref["flops"]["executed_flops"]
@@ -376,7 +376,7 @@ def markdown(result: dict) -> str:
         f"{result['settings']['warmup']} warm-up ({result['settings']['timing']} timing); "
         f"load average {env['loadavg_1m']:.2f} -> {env['loadavg_1m_after']:.2f}.",
         "",
-        L.md_table(header, rows),
+        _llava.md_table(header, rows),
     ]
     for name, t in result["targets"].items():
         lines.append(f"- {name}: {t['value']:.3f} (target <= {t['target']}): {'met' if t['met'] else 'NOT met'}")
@@ -385,7 +385,7 @@ def markdown(result: dict) -> str:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    L.add_shape_args(p)
+    _llava.add_shape_args(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "autocast-bf16", "bf16"], default=None,
                    help="fp32 (CPU default); autocast-bf16: fp32 weights + bf16 autocast, the Trainer's bf16 path "
@@ -425,8 +425,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     args = parse(argv)
-    shape = L.shape_from_args(args)
-    args.threads = L.set_threads(args.threads or None)
+    shape = _llava.shape_from_args(args)
+    args.threads = _llava.set_threads(args.threads or None)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the Trainer's tf32=True
         torch.backends.cudnn.allow_tf32 = True
@@ -438,7 +438,7 @@ def main(argv=None) -> dict | None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; expected some of {list(MODES)}")
     modes = [REFERENCE] + [m for m in modes if m != REFERENCE]
-    env = L.environment(args.device)
+    env = _llava.environment(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
@@ -452,7 +452,7 @@ def main(argv=None) -> dict | None:
         for r in rows:
             r.update(times[r["mode"]])
     result = summarize(rows, shape, args, env)
-    return L.publish(result, markdown(result), args.json)
+    return _llava.publish(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":

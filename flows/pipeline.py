@@ -9,194 +9,30 @@
 5. `dvc push`;
 6. a markdown artifact: the report, the MLflow run links and the registry's model versions.
 
-The stages themselves become flow runs of their own when PREFECT_API_URL is set (flows/stages.py).
+The stages themselves become flow runs of their own when PREFECT_API_URL is set (flows/stages.py); the workspace steps
+(the lock, `dvc` commands, their retries, the remote's check) are flows/workspace.py's.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
 
-from flows.services import ServiceError, check_http, s3_client
+from flows.services import check_prefect_api
+from flows.workspace import (
+    REPO, PipelineError, check_endpoints, dvc, dvc_pull, dvc_push, start_from_committed_params, workspace_lock,
+)
+from pipeline.errors import ProjectError
 
-REPO = Path(__file__).resolve().parent.parent
-LOCK = Path(".dvc/tmp/vr-pipeline.lock")
 ARTIFACT_KEY = "visual-region-summary"
-TRANSIENT_MARKERS = ("Could not connect to the endpoint", "Connection refused", "Connection reset", "timed out",
-                     "Read timeout", "Temporary failure in name resolution", "ServiceUnavailable", "SlowDown", "503")
-
-
-class PipelineError(RuntimeError):
-    """The pipeline cannot go on; the message names the workspace, command or endpoint."""
-
-
-class TransientError(PipelineError):
-    """Worth another try: the endpoint may come back."""
-
-
-class WorkspaceBusy(PipelineError):
-    """Another pipeline run holds the workspace."""
-
-
-def _retry_if_transient(task, task_run, state) -> bool:
-    return isinstance(state.result(raise_on_failure=False), TransientError)
-
-
-@contextlib.contextmanager
-def workspace_lock(workspace: Path) -> Iterator[None]:
-    """An exclusive, non-blocking lock on `<workspace>/.dvc/tmp/vr-pipeline.lock`; released when the holder exits,
-    even if it crashes (flock), so a stale file never blocks."""
-    path = workspace / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown holder"
-            raise WorkspaceBusy(f"workspace {workspace} is busy: another pipeline run holds {path} ({holder}); "
-                                "wait for it to finish, or use another clone") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def dvc_env() -> dict[str, str]:
-    """The stages' `python` is this interpreter (the project venv), whatever PATH the worker was started with."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if flow_run.id:
-        env["VR_PIPELINE_FLOW_RUN"] = str(flow_run.id)
-    return env
-
-
-def dvc(workspace: Path, *args: str) -> None:
-    """Run `dvc <args>` in the workspace, its output streamed line by line into the flow's log (a repro can take
-    hours); failure raises a PipelineError with the command and the end of its output (a TransientError when that
-    output says an endpoint was unreachable)."""
-    logger = get_run_logger()
-    logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
-    tail: collections.deque[str] = collections.deque(maxlen=60)
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workspace, env=dvc_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            if line := line.rstrip():
-                logger.info("%s", line)
-                tail.append(line)
-    if proc.returncode != 0:
-        text = "\n".join(tail)
-        kind = TransientError if any(m in text for m in TRANSIENT_MARKERS) else PipelineError
-        raise kind(f"`dvc {' '.join(args)}` failed in {workspace} (exit {proc.returncode}):\n{text[-3000:]}")
-
-
-# ------------------------------------------------------------------------------------------------- endpoints
-def remote_config(workspace: Path, name: str | None = None) -> tuple[str, dict]:
-    """(name, config) of the DVC remote `name` or the workspace's default remote (local config included)."""
-    from dvc.repo import Repo
-
-    with Repo(str(workspace)) as repo:
-        conf = repo.config
-    name = name or conf["core"].get("remote")
-    if not name:
-        raise PipelineError(f"workspace {workspace} has no default DVC remote: `dvc remote add -d s3 s3://<bucket>/dvc`")
-    if name not in conf["remote"]:
-        raise PipelineError(f"workspace {workspace} has no DVC remote {name!r} (have {sorted(conf['remote'])})")
-    return name, dict(conf["remote"][name])
-
-
-def s3_endpoint(remote: dict) -> str | None:
-    """The remote's `endpointurl`, else the standard AWS variables (None: AWS itself)."""
-    return remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-def check_s3_remote(name: str, remote: dict) -> None:
-    """List (at most one key of) the remote's prefix with the standard AWS credential chain, as DVC will, and
-    classify what went wrong. (Not HEAD bucket: some stores answer it without checking the signature.)"""
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
-
-    url = remote["url"]
-    if not url.startswith("s3://"):
-        return
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    endpoint = s3_endpoint(remote)
-    where = f"S3 endpoint {endpoint or '(AWS)'} (DVC remote {name!r}: {url})"
-    try:
-        s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-    except NoCredentialsError:
-        raise PipelineError(f"{where}: no AWS credentials found (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                            "AWS_PROFILE or another source of the standard chain)") from None
-    except EndpointConnectionError as err:
-        raise TransientError(f"{where} is unreachable: {err}") from None
-    except ClientError as err:
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in ("404", "NoSuchBucket"):
-            raise PipelineError(f"{where}: bucket {bucket!r} does not exist") from None
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
-            raise PipelineError(f"{where} refused the credentials for bucket {bucket!r} ({code or status}): check "
-                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
-        kind = TransientError if status >= 500 else PipelineError
-        raise kind(f"{where}: {code or status}: {err}") from None
-    except BotoCoreError as err:  # timeouts and other connection-level failures
-        raise TransientError(f"{where} is unreachable: {err}") from None
-
-
-@task(retries=2, retry_delay_seconds=[3, 10], retry_condition_fn=_retry_if_transient, cache_policy=NO_CACHE)
-def check_endpoints(workspace: Path, remote: str | None, needs_remote: bool) -> None:
-    """Fail before any long work when a service the run needs is down or misconfigured."""
-    if needs_remote:
-        name, conf = remote_config(workspace, remote)
-        check_s3_remote(name, conf)
-    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if mlflow_uri.startswith(("http://", "https://")):
-        try:
-            check_http(mlflow_uri.rstrip("/") + "/health", "MLflow tracking server", attempts=1)
-        except ServiceError as err:
-            raise TransientError(str(err)) from None
-
-
-# ------------------------------------------------------------------------------------------------- DVC steps
-@task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=_retry_if_transient, cache_policy=NO_CACHE)
-def dvc_pull(workspace: Path, remote: str | None) -> None:
-    dvc(workspace, "pull", "--allow-missing", *(["-r", remote] if remote else []))
-
-
-@task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=_retry_if_transient, cache_policy=NO_CACHE)
-def dvc_push(workspace: Path, remote: str | None) -> None:
-    dvc(workspace, "push", *(["-r", remote] if remote else []))
-
-
-def start_from_committed_params(workspace: Path) -> None:
-    """The same flow parameters mean the same run: params.yaml starts as committed (HEAD), not as an earlier
-    experiment left it (`dvc exp run` leaves its params in the workspace). A differing file is kept aside first."""
-    proc = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=workspace, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PipelineError(f"workspace {workspace}: cannot read the committed params.yaml: {proc.stderr.strip()}")
-    current = workspace / "params.yaml"
-    if current.exists() and current.read_text() != proc.stdout:
-        kept = workspace / ".dvc" / "tmp" / f"params.yaml.{time.strftime('%Y%m%d-%H%M%S')}"
-        shutil.copyfile(current, kept)
-        get_run_logger().warning("params.yaml differed from HEAD's (an earlier experiment or a local edit): kept as %s; "
-                                 "running from HEAD's", kept)
-    current.write_text(proc.stdout)
 
 
 @task(cache_policy=NO_CACHE)
@@ -287,7 +123,7 @@ def pipeline(workspace: str | None = None, params_file: str | None = None, overr
     with workspace_lock(ws):
         check_endpoints(ws, remote, needs_remote=pull or push)
         if pull:
-            dvc_pull(ws, remote)
+            dvc_pull(ws, remote, allow_missing=True)
         command = reproduce(ws, params_file, list(overrides or []), experiment)
         if push:
             dvc_push(ws, remote)
@@ -298,8 +134,6 @@ def pipeline(workspace: str | None = None, params_file: str | None = None, overr
 def main(argv: list[str] | None = None) -> None:
     """`python -m flows.pipeline`: one run now, without a deployment (cron, a shell, CI)."""
     import argparse
-
-    from flows.stages import check_prefect_api
 
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__.split("\n")[0])
     parser.add_argument("--workspace", help="the repo clone to run in (default: this one)")
@@ -312,11 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", help="a name for `dvc exp run`")
     args = parser.parse_args(argv)
     try:
-        if os.environ.get("PREFECT_API_URL"):
-            check_prefect_api(os.environ["PREFECT_API_URL"])
+        check_prefect_api()
         pipeline(workspace=args.workspace, params_file=args.params_file, overrides=args.overrides,
                  pull=not args.no_pull, push=not args.no_push, remote=args.remote, experiment=args.experiment)
-    except (PipelineError, ServiceError) as err:
+    except ProjectError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -14,16 +14,16 @@ the per-selection form. The queue runs in this repository, one experiment at a t
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from flows.workspace import REPO, PipelineError, dvc, dvc_env
+from pipeline.errors import ProjectError
+
 BASELINE = "all"
 
 
-class QueueError(RuntimeError):
-    """A queue step failed; the message names the command or the params file."""
+class QueueError(PipelineError):
+    """A queue step cannot go on; the message names the runs or the params file."""
 
 
 def selection_overrides(params, run: str) -> list[str]:
@@ -37,21 +37,14 @@ def selection_overrides(params, run: str) -> list[str]:
     return overrides + [f"prune.curve.runs=[{','.join(curve)}]"]
 
 
-def dvc(*args: str, env: dict[str, str] | None = None) -> None:
-    print("$ dvc", " ".join(args), flush=True)
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=REPO, env=env, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise QueueError(f"`dvc {' '.join(args)}` failed in {REPO} (exit {proc.returncode})")
-
-
 def queue_study(params_file: str, runs: list[str] | None = None, prefix: str = "study", jobs: int = 1,
                 run_queue: bool = True) -> list[str]:
     """Queue one experiment `<prefix>-<run>` per selection of `params_file` (every run but the baseline, or `runs`),
     then run the queue unless `run_queue` is False. Returns the experiment names."""
-    from pipeline import config as C, tracking
+    from pipeline import config, tracking
 
     source = (REPO / params_file).resolve()
-    params = C.load(source)  # validated: a bad file fails here, before anything is queued
+    params = config.load(source)  # validated: a bad file fails here, before anything is queued
     selections = runs or [name for name in params.tune.all_runs() if name != BASELINE]
     unknown = sorted(set(selections) - set(params.tune.all_runs()) | ({BASELINE} & set(selections)))
     if unknown:
@@ -63,20 +56,19 @@ def queue_study(params_file: str, runs: list[str] | None = None, prefix: str = "
         current.write_text(source.read_text())  # a queued experiment takes the workspace's params as they are now
         for run in selections:
             name = f"{prefix}-{run}"
-            dvc("exp", "run", "--queue", "--name", name, *[a for o in selection_overrides(params, run) for a in ("-S", o)])
+            dvc(REPO, "exp", "run", "--queue", "--name", name,
+                *[a for o in selection_overrides(params, run) for a in ("-S", o)])
             names.append(name)
     finally:
         current.write_text(before)
     if run_queue:
-        from flows.pipeline import dvc_env
-
         env = dvc_env()  # the stages' `python` is this interpreter
         if "MLFLOW_TRACKING_URI" not in env:
             # Queued experiments run in temporary copies of the repo: point them at this repo's store, and create the
             # MLflow experiment here so that its artifacts live here too.
             tracking.setup(params.mlflow.experiment)
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{REPO / 'mlruns.db'}"
-        dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
+        dvc(REPO, "exp", "run", "--run-all", "--jobs", str(jobs), env=env)
     return names
 
 
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         names = queue_study(args.params_file, args.runs, args.prefix, args.jobs, run_queue=not args.no_run)
-    except (QueueError, ValueError) as err:
+    except ProjectError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print("queued" if args.no_run else "ran", ", ".join(names))

@@ -10,7 +10,8 @@ it answers and stops it (its whole process group) on exit:
     python -m flows.services mlflow [--dir .services/mlflow] [--port 5000] [--artifacts s3://visual-region/mlflow]
     python -m flows.services prefect [--dir .services/prefect] [--port 4200]
 
-`check_http` is the bounded-retry reachability check the flows use before they depend on an endpoint.
+`check_http` is the bounded-retry reachability check the flows use before they depend on an endpoint, and
+`check_prefect_api` the one check of PREFECT_API_URL.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import ProjectError
+
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 TELEMETRY_OFF = {
@@ -41,7 +44,7 @@ TELEMETRY_OFF = {
 }
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ProjectError, RuntimeError):
     """A local service did not start, or an endpoint is unreachable; the message names the endpoint."""
 
 
@@ -83,6 +86,21 @@ def check_http(url: str, what: str, *, attempts: int = 3, backoff_s: float = 1.0
             if attempt + 1 < attempts:
                 time.sleep(backoff_s * 2**attempt)
     raise ServiceError(f"{what} at {url} is unreachable after {attempts} attempts: {getattr(last, 'reason', last)}")
+
+
+def check_prefect_api(required_for: str | None = None) -> str | None:
+    """PREFECT_API_URL (as Prefect reads it: the environment, else the active profile), checked to answer before
+    anything depends on it (bounded retries: a server restarting is transient); the one check of it for every flow and
+    stage. Unset: None (Prefect runs without a server), or a ServiceError when `required_for` says what needs one."""
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        if required_for:
+            raise ServiceError(f"{required_for}: set PREFECT_API_URL to the Prefect server")
+        return None
+    check_http(api_url.rstrip("/") + "/health", "Prefect API (PREFECT_API_URL)", attempts=3)
+    return api_url
 
 
 def _log_tail(log: Path, chars: int = 3000) -> str:

@@ -5,8 +5,9 @@ Without PREFECT_API_URL the stages run plain: an ephemeral Prefect server costs 
 (measured with prefect 3.8.8), more than the micro stages themselves. VR_PREFECT=1 forces it anyway.
 
 One task per flow, `check_endpoints`, retries (a server restarting is transient); the stage's work itself runs once
-(a failed training step or a bad input fails the same way again). A known error (bad params, data, model) ends the
-flow Failed with its one-line message and reaches the caller unchanged, so the stage still exits 2 without a traceback.
+(a failed training step or a bad input fails the same way again). A known error (`known`: stages/_common.run passes
+pipeline.errors.ProjectError, ServiceError included) ends the flow Failed with its one-line message and reaches the
+caller unchanged, so the stage still exits 2 without a traceback; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from flows.services import ServiceError, check_http
+from flows.services import ServiceError, check_http, check_prefect_api
 
 STAGE_TAG = "dvc-stage"
 
@@ -38,20 +39,13 @@ def endpoints(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return out
 
 
-def check_prefect_api(api_url: str) -> None:
-    """Before anything else: a down Prefect API is one clear error naming it (after bounded retries)."""
-    check_http(api_url.rstrip("/") + "/health", "Prefect API (PREFECT_API_URL)", attempts=3)
-
-
 def run_stage(main: Callable[[list[str]], None], argv: list[str], known: tuple[type[BaseException], ...]) -> None:
     """Run `main(argv)` as the flow of this stage; re-raise a known error as it was raised."""
-    api_url = os.environ.get("PREFECT_API_URL")
-    if api_url:
-        try:
-            check_prefect_api(api_url)
-        except ServiceError as err:
-            raise ServiceError(f"{err}; start it (`make prefect-server`) or unset PREFECT_API_URL to run the stage "
-                               "without Prefect") from None
+    try:
+        check_prefect_api()  # unset (VR_PREFECT=1 without a server): nothing to check, Prefect starts its own
+    except ServiceError as err:
+        raise ServiceError(f"{err}; start it (`make prefect-server`) or unset PREFECT_API_URL to run the stage "
+                           "without Prefect") from None
     # Under a worker this process inherits the pipeline's flow-run id; the stage is a flow run of its own, tagged
     # with the pipeline run that started it.
     os.environ.pop("PREFECT__FLOW_RUN_ID", None)

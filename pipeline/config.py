@@ -1,26 +1,28 @@
 """The params schema: params.yaml is validated on load; an unknown key, a wrong type or a bad value is an error
-naming the key (e.g. `tune.runs.uniform25.budget`). The typed classes below *are* the schema."""
+naming the key (e.g. `tune.runs.uniform25.budget`). The typed classes below *are* the schema, including the value
+objects other modules take (DataConfig for pipeline.data, ProfileSpec for pipeline.model, LoraSpec for
+pipeline.tuning), so loading params imports neither torch nor any library that does."""
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import data as D
-from pipeline.model import PROFILES, ProfileSpec
+from pipeline.errors import ProjectError
 from pipeline.selection import STRATEGIES
-from pipeline.tuning import LoraSpec
 
-for _cls in (LoraSpec, D.DataConfig):
-    _cls.__pydantic_config__ = ConfigDict(extra="forbid")
+# The per-layer importance scores pipeline/importance.py computes; `importance_metric` names one of them.
+HIDDEN_METRICS = ("bi", "angular", "bi_image", "bi_text", "mm_bi")
+PARAM_METRICS = ("param_change", "param_angular")
+METRICS = (*HIDDEN_METRICS, "image_attention", *PARAM_METRICS)
 
 
-class ParamsError(ValueError):
+class ParamsError(ProjectError, ValueError):
     pass
 
 
@@ -28,9 +30,136 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Value(BaseModel):
+    """An immutable, hashable value: fields cannot be reassigned (copy it with model_copy(update=...) instead)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _one_line(err: ValidationError, key: str) -> str:
+    """The errors of a model validated under `key` as one line, `key.field: message; ...`: for a model built inside
+    another model's validator, whose own error path would otherwise lose the key."""
+    return "; ".join(
+        f"{'.'.join((key, *(str(p) for p in e['loc'])))}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Values other modules take: the data config, the offline model shapes, the LoRA adapter.
+# --------------------------------------------------------------------------------------------------------------
+class DataConfig(_Value):
+    """What `prepare` builds data/prepared from (pipeline/data)."""
+
+    seed: int = 0
+    image_size: int = Field(64, ge=16)
+    num_captions: int = Field(2000, ge=0)
+    num_instruct: int = Field(3000, ge=0)
+    num_vqa_test: int = Field(500, ge=0)
+    digits_test_fraction: float = Field(0.3, gt=0, lt=1)
+    text_test_fraction: float = Field(0.1, gt=0, lt=1)
+    text_chunk_chars: int = Field(400, ge=20)
+    text_qa_repeats: int = Field(10, ge=0)
+    # Scenes told in words, with the visual questions about them, mixed into the tiny LM's pretraining (see
+    # synthetic.make_scene_texts). 0 for real LLMs, which already have the skill.
+    scene_texts: int = Field(0, ge=0)
+    # Image-text pairs for the tiny vision tower's contrastive pretraining (stage build_base, params vision_pretrain):
+    # the stand-in for the web pairs CLIP and SigLIP learnt from, since the paper's encoders come pretrained. Scenes
+    # with their captions, plus the training digits as "a handwritten digit N."; split `vision_pairs`, its images
+    # kept out of the test splits like every training image. 0: no such split (the tower stays random).
+    vision_pairs: int = Field(0, ge=0)
+    # Real data in LLaVA format (e.g. LLaVA-Pretrain 558K captions, LLaVA-665K instructions). When set, the imported
+    # records replace the synthetic caption_train / instruct_train split; held-out synthetic tests stay.
+    pretrain_json: str | None = None
+    pretrain_image_dir: str | None = None
+    instruct_json: str | None = None
+    instruct_image_dir: str | None = None
+    llava_json: str | None = None  # an extra LLaVA-format set, imported as its own split "imported"
+    llava_image_dir: str | None = None
+    llava_on_error: Literal["raise", "skip"] = "raise"
+    llava_image_mode: Literal["convert", "refuse"] = "convert"
+    # Processes that validate LLaVA records (each decodes its records' images once). null: every CPU core. The
+    # prepared bytes do not depend on it.
+    num_proc: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _image_dirs_need_their_json(self):
+        for prefix in ("llava", "pretrain", "instruct"):
+            if getattr(self, f"{prefix}_image_dir") is not None and getattr(self, f"{prefix}_json") is None:
+                raise ValueError(f"{prefix}_image_dir is set but {prefix}_json is not")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
+        """Build from a mapping (e.g. params.yaml), rejecting unknown keys."""
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"unknown DataConfig keys: {unknown}; known keys: {sorted(cls.model_fields)}")
+        return cls(**values)
+
+    def processes(self) -> int:
+        return self.num_proc or os.cpu_count() or 1
+
+    def content_fields(self) -> dict[str, Any]:
+        """The fields that shape the prepared bytes (num_proc only changes how fast they are made)."""
+        return {k: v for k, v in self.model_dump().items() if k != "num_proc"}
+
+
+class ProfileSpec(_Value):
+    """Shape of an offline-built LLaVA (profiles tiny and micro): a Llama decoder + a CLIP or SigLIP vision tower."""
+
+    vision_type: Literal["clip", "siglip"] = "clip"
+    image_size: int = Field(64, ge=1)
+    # 4x4 patches, four image tokens per scene quadrant: a shape's outline then shows in which of its four tokens it
+    # fills (a triangle leaves its top two half empty). With one token per quadrant (patch 32) shape stayed at the
+    # majority class (0.42) after 1200 tuning steps although a linear probe read it from the token at 0.96.
+    patch_size: int = Field(16, ge=1)
+    vision_hidden: int = Field(64, ge=1)
+    vision_layers: int = Field(3, ge=2)  # features come from the second-to-last layer
+    vision_heads: int = Field(4, ge=1)
+    lm_hidden: int = Field(96, ge=1)
+    lm_layers: int = Field(12, ge=1)
+    lm_heads: int = Field(4, ge=1)
+    lm_kv_heads: int = Field(4, ge=1)
+    lm_intermediate: int = Field(256, ge=1)
+    vocab_size: int = Field(1024, ge=1)
+    max_position: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for name, hidden, heads in (("vision", self.vision_hidden, self.vision_heads), ("lm", self.lm_hidden, self.lm_heads)):
+            if hidden % heads:
+                raise ValueError(f"{name}_hidden {hidden} is not divisible by {name}_heads {heads}")
+        if self.lm_heads % self.lm_kv_heads:
+            raise ValueError(f"lm_heads {self.lm_heads} is not divisible by lm_kv_heads {self.lm_kv_heads}")
+        return self
+
+
+# The offline profiles: the tiny default and the micro test model. `model.spec` overrides single fields.
+PROFILES: dict[str, ProfileSpec] = {
+    "tiny": ProfileSpec(),
+    "micro": ProfileSpec(
+        image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
+        lm_hidden=32, lm_layers=2, lm_heads=2, lm_kv_heads=2, lm_intermediate=64, vocab_size=512, max_position=128,
+    ),
+}
+
+
+class LoraSpec(_Value):
+    """The peft LoRA adapter put on the selected language-model layers (pipeline/tuning.py)."""
+
+    r: int = Field(128, ge=1)
+    alpha: int = Field(256, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# params.yaml, section by section
+# --------------------------------------------------------------------------------------------------------------
 class ModelParams(_Strict):
     profile: Literal["tiny", "micro", "hf"] = "tiny"
-    spec: dict[str, int | str] = {}  # overrides of the tiny/micro shape (fields of pipeline.model.ProfileSpec)
+    spec: dict[str, int | str] = {}  # overrides of the tiny/micro shape (fields of ProfileSpec)
     vision: str | None = None  # hf profile: vision encoder path or hub id (CLIP or SigLIP)
     language_model: str | None = None  # hf profile: causal LM path or hub id (Llama family)
     checkpoint: str | None = None  # hf profile: an existing LLaVA checkpoint instead of composing one
@@ -49,7 +178,10 @@ class ModelParams(_Strict):
         else:
             if self.vision or self.language_model or self.checkpoint:
                 raise ValueError(f"profile {self.profile!r} is built offline: vision/language_model/checkpoint must be null")
-            self.profile_spec()  # unknown or bad shape fields fail here, at load time
+            try:
+                self.profile_spec()  # unknown or bad shape fields fail here, at load time
+            except ValidationError as err:  # pydantic passes a nested ValidationError on as-is, without the key path
+                raise ValueError(_one_line(err, "spec")) from None
         return self
 
     def conversation_format(self) -> str:
@@ -62,11 +194,10 @@ class ModelParams(_Strict):
     def profile_spec(self) -> ProfileSpec:
         if self.profile == "hf":
             raise ValueError("the hf profile has no offline spec")
-        known = {f.name for f in dataclasses.fields(ProfileSpec)}
-        unknown = sorted(set(self.spec) - known)
+        unknown = sorted(set(self.spec) - set(ProfileSpec.model_fields))
         if unknown:
-            raise ValueError(f"spec: unknown field(s) {unknown}; expected some of {sorted(known)}")
-        return dataclasses.replace(PROFILES[self.profile], **self.spec)
+            raise ValueError(f"spec: unknown field(s) {unknown}; expected some of {sorted(ProfileSpec.model_fields)}")
+        return ProfileSpec(**(PROFILES[self.profile].model_dump() | self.spec))  # validated, unlike model_copy
 
 
 class DistributedParams(_Strict):
@@ -125,7 +256,7 @@ class TrainParams(_Strict):
             return self.grad_accum
         per_step = self.batch_size * processes
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise ParamsError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of batch_size {self.batch_size} x "
                 f"{processes} processes; change batch_size or the number of processes"
             )
@@ -183,8 +314,6 @@ class TuneRun(_Strict):
     @field_validator("importance_metric")
     @classmethod
     def _metric(cls, v):
-        from pipeline.importance import METRICS
-
         if v is not None and v not in METRICS:
             raise ValueError(f"unknown importance metric {v!r}; expected one of {list(METRICS)}")
         return v
@@ -252,7 +381,7 @@ class TuneParams(_Strict):
     def run(self, name: str) -> TuneRun:
         runs = self.all_runs()
         if name not in runs:
-            raise ValueError(f"--run {name!r}: no such entry in tune.runs or tune.importance_runs (have {sorted(runs)})")
+            raise ParamsError(f"--run {name!r}: no such entry in tune.runs or tune.importance_runs (have {sorted(runs)})")
         return runs[name]
 
 
@@ -304,7 +433,7 @@ class RegistryParams(_Strict):
 class Params(_Strict):
     seed: int = 0
     model: ModelParams = ModelParams()
-    data: D.DataConfig = D.DataConfig()
+    data: DataConfig = DataConfig()
     lm_pretrain: LMPretrainParams = LMPretrainParams()
     vision_pretrain: VisionPretrainParams = VisionPretrainParams()
     pretrain_projector: ProjectorParams = ProjectorParams()
@@ -353,9 +482,13 @@ def validate(raw: dict, source: str = "params") -> Params:
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"params file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"params file {path} is not UTF-8 text: {err}") from None
+    except OSError as err:  # e.g. a directory, or not readable
+        raise ParamsError(f"params file {path} cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"params file {path} is not valid YAML: {err}") from None
     return validate(raw, str(path))

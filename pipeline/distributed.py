@@ -100,11 +100,11 @@ def wrap_classes(model, names: list[str] | None = None) -> list[str]:
     layer class plus the model's other `_no_split_modules` present in it (e.g. the vision encoder layer)."""
     if names:
         return list(names)
-    from pipeline import model as M
+    import pipeline.model
 
-    base = M._unwrap(model)
+    base = pipeline.model._unwrap(model)
     present = {type(m).__name__ for m in base.modules()}
-    decoder = type(M.decoder_layers(base)[0]).__name__
+    decoder = type(pipeline.model.decoder_layers(base)[0]).__name__
     extra = [n for n in (getattr(base, "_no_split_modules", None) or []) if n in present and n != decoder]
     return [decoder, *sorted(set(extra))]
 

@@ -1,5 +1,6 @@
 """Evaluation with greedy decoding: visual exact match per question type, text perplexity and text QA accuracy,
-generation latency. Retention = score / the `all` baseline's score."""
+generation latency (`evaluate_model`: all of them, on the held-out sets of `evaluation_sets`). Retention = score /
+the `all` baseline's score."""
 
 from __future__ import annotations
 
@@ -122,6 +123,43 @@ def image_to_caption_accuracy(model, dataset, collator, *, batch_size: int) -> f
     best = (nn.functional.normalize(img, dim=-1) @ nn.functional.normalize(txt, dim=-1).T).argmax(dim=-1).tolist()
     captions = [r["caption"] for r in rows]
     return sum(captions[j] == captions[i] for i, j in enumerate(best)) / len(rows)
+
+
+def evaluation_sets(visual, text, text_qa, cfg) -> dict:
+    """The held-out sets every model is scored on, from the prepared datasets (data/prepared/visual, text, text_qa),
+    sized by `cfg` (the `evaluate` params)."""
+    return {
+        "vqa": [visual["vqa_test"][i] for i in range(min(cfg.vqa_samples, len(visual["vqa_test"])))],
+        "digits": [visual["digits_test"][i] for i in range(min(cfg.digits_samples, len(visual["digits_test"])))],
+        "text": list(text["test"]["text"])[: cfg.text_ppl_chunks],
+        "text_qa": [text_qa[i] for i in range(min(cfg.text_qa_samples, len(text_qa)))],
+    }
+
+
+def evaluate_model(model, processor, sets: dict, cfg, *, seq_len: int) -> dict:
+    """Every score of one model on `sets` (`evaluation_sets`), with the `evaluate` params `cfg`; text perplexity over
+    windows of `seq_len` tokens (lm_pretrain.seq_len)."""
+    from pipeline.model import num_decoder_layers
+
+    timing = GenerationTiming()
+    vqa = visual_accuracy(model, processor, sets["vqa"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, timing=timing)
+    digits = visual_accuracy(model, processor, sets["digits"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, timing=timing)
+    tokenizer = processor.tokenizer
+    ppl = text_perplexity(model, tokenizer, sets["text"], batch_size=cfg.batch_size, max_length=seq_len)
+    text_qa = text_qa_accuracy(model, tokenizer, sets["text_qa"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    per_type = vqa["per_type"] | digits["per_type"]
+    return {
+        "visual_score": sum(per_type.values()) / len(per_type),  # mean over question types, digits included
+        "vqa_accuracy": vqa["accuracy"],
+        "digits_accuracy": digits["accuracy"],
+        "per_type": per_type,
+        "text_ppl": ppl,
+        "text_qa_accuracy": text_qa["accuracy"],
+        "num_decoder_layers": num_decoder_layers(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **timing.as_metrics(),
+        "examples": vqa["examples"][:5] + digits["examples"][:3],
+    }
 
 
 def retention(score: float, baseline: float) -> float:

@@ -51,13 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config import HIDDEN_METRICS, METRICS, PARAM_METRICS
 from pipeline.data.chat import processor_inputs
-from pipeline.model import _unwrap, decoder_layers, image_token_id, text_config
+from pipeline.model import ModelStructureError, _unwrap, decoder_layers, image_token_id, text_config
 
 EPS = 1e-12
-HIDDEN_METRICS = ("bi", "angular", "bi_image", "bi_text", "mm_bi")
-PARAM_METRICS = ("param_change", "param_angular")
-METRICS = (*HIDDEN_METRICS, "image_attention", *PARAM_METRICS)
 # Keys a calibration batch may carry that are not model inputs for a scoring forward.
 _DROP_KEYS = ("labels",)
 
@@ -174,7 +172,7 @@ class _Accumulator:
         for kind in self.KINDS:
             mask = self.masks[kind].to(cos.device)
             if mask.shape != cos.shape:
-                raise ValueError(
+                raise ModelStructureError(
                     f"decoder layer {layer} sees hidden states of shape {tuple(h_in.shape)} but the batch's token mask "
                     f"has shape {tuple(mask.shape)}: the model must expand image tokens in input_ids (LLaVA style)"
                 )
@@ -402,14 +400,15 @@ def param_delta_scores(
     """(param_change, param_angular) per decoder layer between a base and a tuned model of the same architecture."""
     wb, wt = layer_weights(base), layer_weights(tuned)
     if len(wb) != len(wt):
-        raise ValueError(f"base has {len(wb)} decoder layers but the tuned model has {len(wt)}")
+        raise ModelStructureError(f"base has {len(wb)} decoder layers but the tuned model has {len(wt)}")
     change, angular = [], []
     for i, (lb, lt) in enumerate(zip(wb, wt)):
         if set(lb) != set(lt):
-            raise ValueError(f"decoder layer {i}: weight names differ ({sorted(set(lb) ^ set(lt))})")
+            raise ModelStructureError(f"decoder layer {i}: weight names differ ({sorted(set(lb) ^ set(lt))})")
         for name in lb:
             if lb[name].shape != lt[name].shape:
-                raise ValueError(f"decoder layer {i}: {name} has shape {tuple(lb[name].shape)} vs {tuple(lt[name].shape)}")
+                raise ModelStructureError(
+                    f"decoder layer {i}: {name} has shape {tuple(lb[name].shape)} vs {tuple(lt[name].shape)}")
         names = sorted(lb)
         change.append(sum(weight_change_ratio(lb[n], lt[n]) for n in names) if names else math.nan)
         angular.append(sum(weight_angular_distance(lb[n], lt[n]) for n in names) / len(names) if names else math.nan)

@@ -11,13 +11,14 @@ import math
 import os
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.config import PROFILES, ProfileSpec  # noqa: F401  (re-exported: the shapes live in the params schema)
 from pipeline.data.chat import IMAGE_TOKEN, set_chat_template
+from pipeline.errors import MissingInputError, ProjectError
 from pipeline.storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -25,55 +26,15 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
 
-class ModelStructureError(ValueError):
+class ModelStructureError(ProjectError, ValueError):
     """The model has no decoder layer list this project knows how to find."""
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Profiles: the tiny default and the micro test model, built entirely from configs.
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProfileSpec:
-    """Shape of an offline-built LLaVA: a Llama decoder + a CLIP or SigLIP vision tower."""
-
-    vision_type: str = "clip"  # clip | siglip
-    image_size: int = 64
-    # 4x4 patches, four image tokens per scene quadrant: a shape's outline then shows in which of its four tokens it
-    # fills (a triangle leaves its top two half empty). With one token per quadrant (patch 32) shape stayed at the
-    # majority class (0.42) after 1200 tuning steps although a linear probe read it from the token at 0.96.
-    patch_size: int = 16
-    vision_hidden: int = 64
-    vision_layers: int = 3
-    vision_heads: int = 4
-    lm_hidden: int = 96
-    lm_layers: int = 12
-    lm_heads: int = 4
-    lm_kv_heads: int = 4
-    lm_intermediate: int = 256
-    vocab_size: int = 1024
-    max_position: int = 256
-
-    def __post_init__(self) -> None:
-        if self.vision_type not in ("clip", "siglip"):
-            raise ValueError(f"vision_type must be 'clip' or 'siglip', got {self.vision_type!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.vision_layers < 2:
-            raise ValueError("vision_layers must be >= 2 (features come from the second-to-last layer)")
-        for name, hidden, heads in (("vision", self.vision_hidden, self.vision_heads), ("lm", self.lm_hidden, self.lm_heads)):
-            if hidden % heads:
-                raise ValueError(f"{name}_hidden {hidden} is not divisible by {name}_heads {heads}")
-        if self.lm_heads % self.lm_kv_heads:
-            raise ValueError(f"lm_heads {self.lm_heads} is not divisible by lm_kv_heads {self.lm_kv_heads}")
-
-
-PROFILES: dict[str, ProfileSpec] = {
-    "tiny": ProfileSpec(),
-    "micro": ProfileSpec(
-        image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
-        lm_hidden=32, lm_layers=2, lm_heads=2, lm_kv_heads=2, lm_intermediate=64, vocab_size=512, max_position=128,
-    ),
-}
+# Their shapes, ProfileSpec and PROFILES, are part of the params schema (pipeline/config.py); imported above, so
+# `pipeline.model.PROFILES` still names them.
 
 
 def vision_config(spec: ProfileSpec):
@@ -215,13 +176,19 @@ def compose_llava(vision_path: str, lm_path: str, *, dtype: torch.dtype = torch.
     features from the vision tower's second-to-last layer. Returns (model, processor). `chat_template` (a name of
     data/chat.py): the conversation format the tokenizer gets; ``tokenizer`` keeps the LM's own."""
     from transformers import (
-        AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig,
-        LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionModel,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipVisionModel,
     )
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     _warn_remote_code(trust_remote_code)
-    vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+    vcfg = _config(vision_path, trust_remote_code)
     kind = vcfg.model_type
     if kind in ("clip", "clip_vision_model"):
         vision_cls, strategy, extra = CLIPVisionModel, "default", 1  # drop CLIP's CLS token, as LLaVA-1.5 does
@@ -230,6 +197,7 @@ def compose_llava(vision_path: str, lm_path: str, *, dtype: torch.dtype = torch.
     else:
         raise ModelStructureError(f"vision encoder {vision_path!r} has model_type {kind!r}; expected a CLIP or SigLIP model")
     vision = vision_cls.from_pretrained(vision_path, dtype=dtype)
+    _config(lm_path, trust_remote_code)  # a missing model: one error naming it
     lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if not isinstance(getattr(getattr(lm, "model", None), "layers", None), nn.ModuleList):
         # LLaVA adopts `lm.model` as its language model (a Llama-style decoder with a `.layers` list); GPT-2-style
@@ -282,17 +250,27 @@ def save_vlm(model, processor, out_dir: Path, extra_json: dict[str, dict] | None
 # --------------------------------------------------------------------------------------------------------------
 # Loading any supported checkpoint
 # --------------------------------------------------------------------------------------------------------------
+def _config(path: str | os.PathLike, trust_remote_code: bool):
+    """The model config at `path` (a directory or a hub id); a MissingInputError naming it where there is none."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # neither a model directory nor a model the hub (or, offline, its cache) has
+        raise MissingInputError(f"model {str(path)!r} cannot be loaded: {str(err).strip().splitlines()[0]}") from err
+
+
 def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Load a LLaVA (or any AutoModelForImageTextToText model with a findable decoder layer list) + its processor."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
     _warn_remote_code(trust_remote_code)
     path = str(path)
     if Path(path).is_dir():
         has_weights = any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
         if not has_weights:
-            raise FileNotFoundError(f"model directory {path} has no weights (*.safetensors): nothing to load")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            raise MissingInputError(f"model directory {path} has no weights (*.safetensors): nothing to load")
+    config = _config(path, trust_remote_code)
     cls = LlavaForConditionalGeneration if config.model_type == "llava" else AutoModelForImageTextToText
     model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     decoder_layers(model)  # fail early, naming the class, if we cannot find the layers

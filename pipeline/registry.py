@@ -20,7 +20,8 @@ import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import mlflow
@@ -29,6 +30,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from pipeline.errors import ProjectError
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -43,7 +46,7 @@ REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", 
                 "scikit-learn", "pydantic", "pyyaml")
 
 
-class RegistryError(ValueError):
+class RegistryError(ProjectError, ValueError):
     """The registry cannot be used as asked; the message names the endpoint, model or version."""
 
 

@@ -20,6 +20,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+from pipeline.errors import ProjectError
+
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")
@@ -32,7 +34,7 @@ SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")
 HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(ProjectError, RuntimeError):
     """The MLflow tracking server stopped answering while a stage used it; the message names the server."""
 
 

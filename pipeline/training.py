@@ -18,7 +18,7 @@ import datasets
 import torch
 from torch import nn
 
-from pipeline.config import TrainParams
+from pipeline.config import ParamsError, TrainParams
 from pipeline.data.encoding import ModalityLengthSampler, VisualCollator, modality_lengths, num_image_tokens, visual_samples
 from pipeline.data.images import to_rgb
 
@@ -70,7 +70,7 @@ def text_blocks(texts: list[str], tokenizer, seq_len: int) -> datasets.Dataset:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n = len(stream) // seq_len
     if n == 0:
-        raise ValueError(f"text corpus has {len(stream)} tokens: fewer than one block of seq_len {seq_len}")
+        raise ParamsError(f"text corpus has {len(stream)} tokens: fewer than one block of seq_len {seq_len}")
     blocks = [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]
     return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks}).with_format("torch")
 
@@ -145,7 +145,7 @@ def train(
     sample, negative for text-only ones): batches grouped by modality and length (data.encoding.ModalityLengthSampler)."""
     from transformers import TrainingArguments, set_seed
 
-    from pipeline import distributed as D
+    from pipeline import distributed
 
     set_seed(seed)
     cuda = torch.cuda.is_available()
@@ -159,7 +159,7 @@ def train(
         output_dir=str(ckpt_dir),
         max_steps=params.max_steps,
         per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum_for(D.world_size()),
+        gradient_accumulation_steps=params.grad_accum_for(distributed.world_size()),
         warmup_steps=max(0, round(params.warmup_ratio * params.max_steps)),
         lr_scheduler_type="cosine",
         weight_decay=params.weight_decay,
@@ -177,23 +177,23 @@ def train(
         tf32=cuda or None,
         use_cpu=not cuda,
         disable_tqdm=False,
-        **D.trainer_kwargs(params.distributed, model),
+        **distributed.trainer_kwargs(params.distributed, model),
     )
     _ = args.device  # sets up the process group under a multi-process launch (no-op otherwise)
-    resume = _prepare_checkpoint_dir(Path(ckpt_dir), fingerprint) if D.is_main() else None
-    resume = D.broadcast_from_main(resume)  # rank 0 decided (and cleaned up); every rank resumes alike
+    resume = _prepare_checkpoint_dir(Path(ckpt_dir), fingerprint) if distributed.is_main() else None
+    resume = distributed.broadcast_from_main(resume)  # rank 0 decided (and cleaned up); every rank resumes alike
     if resume:
         log.info("resuming from the latest checkpoint in %s", ckpt_dir)
     sampler = None
     if lengths is not None:
-        sampler = ModalityLengthSampler(lengths, params.batch_size * args.gradient_accumulation_steps * D.world_size(),
+        sampler = ModalityLengthSampler(lengths, params.batch_size * args.gradient_accumulation_steps * distributed.world_size(),
                                         seed=seed)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collator, own_optimizer=optimizer,
         train_sampler=sampler,
     )
-    if D.is_distributed() and params.distributed.strategy == "fsdp" and not trainer.is_fsdp_enabled:
-        raise ValueError(  # accelerate silently falls back to DDP where it has no FSDP (on CPU processes)
+    if distributed.is_distributed() and params.distributed.strategy == "fsdp" and not trainer.is_fsdp_enabled:
+        raise ParamsError(  # accelerate silently falls back to DDP where it has no FSDP (on CPU processes)
             "distributed.strategy 'fsdp' needs GPUs (accelerate shards only on accelerators); use 'ddp' on CPU"
         )
     start = time.perf_counter()
@@ -220,7 +220,7 @@ def _gather_full_state(trainer) -> dict:
     FSDP2: each parameter is a DTensor shard, gathered one at a time (peak extra memory: one full parameter)."""
     from torch.distributed.tensor import DTensor
 
-    from pipeline import distributed as D
+    from pipeline import distributed
 
     state = trainer.model_wrapped.state_dict() if trainer.is_fsdp_enabled else {}
     if any(isinstance(v, DTensor) for v in state.values()):  # FSDP2
@@ -228,7 +228,7 @@ def _gather_full_state(trainer) -> dict:
         for name, value in state.items():
             if isinstance(value, DTensor):
                 value = value.full_tensor()
-            if D.is_main():
+            if distributed.is_main():
                 full[name] = value.detach().to("cpu", copy=True)
         return full
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # DeepSpeed ZeRO-3 (16-bit gather), FSDP1
@@ -236,7 +236,7 @@ def _gather_full_state(trainer) -> dict:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # else rank 0's `reload` (train_visual) would load under zero.Init, alone
-    return state if D.is_main() else {}
+    return state if distributed.is_main() else {}
 
 
 TRAINABLE_WEIGHTS = "trainable.safetensors"
@@ -357,9 +357,9 @@ def train_visual(
     if params.gradient_checkpointing:
         disable_gradient_checkpointing(trainable)
     if result.full_state_dict is not None:
-        from pipeline import distributed as D
+        from pipeline import distributed
 
-        if not D.is_main():
+        if not distributed.is_main():
             return None, result, report
         if reload is None:
             raise ValueError("the model was sharded (FSDP / DeepSpeed): train_visual needs `reload` to export it")

@@ -25,20 +25,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pipeline import model as M
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha < 1:
-            raise ValueError(f"lora r and alpha must be >= 1, got r={self.r}, alpha={self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+import pipeline.model
+from pipeline.config import LoraSpec
 
 
 @dataclass(frozen=True)
@@ -64,10 +52,10 @@ class Trainability:
 
 def lora_targets(model: nn.Module, layers: tuple[int, ...] | list[int]) -> list[str]:
     """Full module names of every nn.Linear inside the selected language-model decoder layers."""
-    base = M._unwrap(model)
-    decoder = M.decoder_layers(base)
+    base = pipeline.model._unwrap(model)
+    decoder = pipeline.model.decoder_layers(base)
     wanted = {id(decoder[i]) for i in layers}
-    lm_path = M.language_model_path(base)
+    lm_path = pipeline.model.language_model_path(base)
     names = []
     for i, layer in enumerate(decoder):
         if id(layer) not in wanted:
@@ -80,7 +68,7 @@ def lora_targets(model: nn.Module, layers: tuple[int, ...] | list[int]) -> list[
 
 def apply_trainability(model: nn.Module, spec: Trainability) -> nn.Module:
     """Freeze/unfreeze in place (or wrap with peft for `lora`). Returns the model to train."""
-    decoder = M.decoder_layers(model)
+    decoder = pipeline.model.decoder_layers(model)
     for i in spec.layers:
         if not 0 <= i < len(decoder):
             raise ValueError(f"selected layer {i} is out of range for {len(decoder)} decoder layers")
@@ -99,12 +87,12 @@ def apply_trainability(model: nn.Module, spec: Trainability) -> nn.Module:
             decoder[i].requires_grad_(True)
 
     if spec.projector == "full":
-        M.projector(model).requires_grad_(True)
-    lm = M.language_model(model)
+        pipeline.model.projector(model).requires_grad_(True)
+    lm = pipeline.model.language_model(model)
     if spec.embeddings:
         lm.get_input_embeddings().requires_grad_(True)
     if spec.lm_head:
-        M._unwrap(model).get_output_embeddings().requires_grad_(True)
+        pipeline.model._unwrap(model).get_output_embeddings().requires_grad_(True)
     return model
 
 
@@ -116,7 +104,7 @@ def build_optimizer(
     `fused=None` (default) uses torch's fused AdamW kernel when every trainable parameter is a floating-point tensor
     on a device that has one (CPU and CUDA in torch >= 2.4: about 3x faster than the per-tensor loop on CPU, same
     update rule), else the default implementation."""
-    proj = {id(p) for p in M.projector(model).parameters()}
+    proj = {id(p) for p in pipeline.model.projector(model).parameters()}
     proj_params = [p for p in model.parameters() if p.requires_grad and id(p) in proj]
     other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in proj]
     groups = []
@@ -198,16 +186,16 @@ def install_backward_stop(model: nn.Module) -> BackwardStop:
     forces the embedding output to require grad (transformers' `enable_input_require_grads`, which gradient
     checkpointing and peft install). Call after `apply_trainability`; the hooks are no-ops under `torch.no_grad`.
     Gradients of every trainable parameter are unchanged (tested)."""
-    base = M._unwrap(model)
-    decoder = M.decoder_layers(base)
+    base = pipeline.model._unwrap(model)
+    decoder = pipeline.model.decoder_layers(base)
     stop = BackwardStop()
     trainable_layers = [i for i, layer in enumerate(decoder) if _trains(layer)]
     stop.lowest_trainable_layer = trainable_layers[0] if trainable_layers else None
-    vision, proj = M.vision_tower(base), M.projector(base)
+    vision, proj = pipeline.model.vision_tower(base), pipeline.model.projector(base)
     if not _trains(vision):
         stop.handles.append(proj.register_forward_pre_hook(_detach_projector_input))
         stop.projector_input_detached = True
-    embeddings = M.language_model(base).get_input_embeddings()
+    embeddings = pipeline.model.language_model(base).get_input_embeddings()
     if not (_trains(vision) or _trains(proj) or _trains(embeddings)):
         k = stop.lowest_trainable_layer if trainable_layers else len(decoder) - 1
         for i in range(k + 1):
@@ -221,7 +209,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     backward instead of stored. Unlike transformers' `activation_checkpointing_enable` alone, the input embeddings
     are *not* forced to require grad (that hook exists for reentrant checkpointing; non-reentrant checkpointing gives
     trainable parameters inside a layer their gradients without it), so backward still stops where nothing trains."""
-    base = M._unwrap(model)
+    base = pipeline.model._unwrap(model)
     kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -232,7 +220,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:
-    base = M._unwrap(model)
+    base = pipeline.model._unwrap(model)
     if hasattr(base, "activation_checkpointing_disable"):
         base.activation_checkpointing_disable()
     else:  # pragma: no cover - transformers < 5
@@ -250,8 +238,8 @@ def _count(params) -> tuple[int, int]:
 
 def trainability_report(model: nn.Module) -> dict:
     """Trainable / total parameters per component and per decoder layer."""
-    lm = M.language_model(model)
-    decoder = M.decoder_layers(model)
+    lm = pipeline.model.language_model(model)
+    decoder = pipeline.model.decoder_layers(model)
     seen: set[int] = set()
 
     def take(module: nn.Module) -> tuple[int, int]:
@@ -259,7 +247,7 @@ def trainability_report(model: nn.Module) -> dict:
         seen.update(id(p) for p in params)
         return _count(params)
 
-    components = {"vision": take(M.vision_tower(model)), "projector": take(M.projector(model))}
+    components = {"vision": take(pipeline.model.vision_tower(model)), "projector": take(pipeline.model.projector(model))}
     layers = [take(layer) for layer in decoder]
     components["decoder_layers"] = (sum(t for t, _ in layers), sum(n for _, n in layers))
     components["lm_other"] = take(lm)  # embeddings, final norm

@@ -1,4 +1,5 @@
-"""What every stage shares: environment defaults, logging, params loading, a clean error exit."""
+"""Running a stage: environment defaults, logging, the `--run` argument, Prefect, the error exit. The training stages
+start through stages/_launch.py; what the stages read and write is in stages/_paths.py, reading it in stages/_inputs.py."""
 
 from __future__ import annotations
 
@@ -15,15 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger("stages")
 
 
-def load_params(path: str = "params.yaml"):
-    from pipeline import config
-
-    params = config.load(os.environ.get("VR_PARAMS", path))
-    if params.model.profile != "hf":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the offline profiles never touch a hub
-    return params
-
-
 def run_name(argv: list[str], prog: str) -> str:
     """The `--run NAME` argument of the per-run stages (tune, prune, evaluate)."""
     import argparse
@@ -31,12 +23,6 @@ def run_name(argv: list[str], prog: str) -> str:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--run", required=True, help="an entry of tune.runs in params.yaml")
     return parser.parse_args(argv).run
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def under_prefect() -> bool:
@@ -48,53 +34,43 @@ def under_prefect() -> bool:
     return mode in ("1", "on", "true") or bool(os.environ.get("PREFECT_API_URL"))
 
 
-def _naming_tracking_outages(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """`main`, with MLflow's client failing to reach the tracking server raised as one TrackingError naming it."""
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run(main: Callable[[list[str]], None], *, outage: Callable[[BaseException], BaseException | None] | None = None,
+        as_flow: bool = True) -> None:
+    """Run a stage: a pipeline.errors.ProjectError (bad params, data or model, a missing input, a service down) is one
+    line and exit code 2; anything else is a bug and keeps its traceback (exit code 1). `outage` (the stages that log
+    to MLflow pass pipeline.tracking.outage): the project error an exception stands for, or None. Under Prefect
+    (`under_prefect`) the stage is a flow run (flows/stages.py) unless `as_flow` is False (ranks > 0 of a launch:
+    stages/_launch.py)."""
+    configure_logging()
+    from pipeline.errors import ProjectError
+
+    stage = main if outage is None else _naming_outages(outage, main)
+    try:
+        if as_flow and under_prefect():
+            from flows.stages import run_stage
+
+            run_stage(stage, sys.argv[1:], (ProjectError,))
+        else:
+            stage(sys.argv[1:])
+    except ProjectError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(2)
+
+
+def _naming_outages(outage: Callable[[BaseException], BaseException | None], main: Callable[[list[str]], None]):
+    """`main`, raising what `outage` makes of an exception (e.g. MLflow's client failing to reach the server)."""
 
     def stage(argv: list[str]) -> None:
         try:
             main(argv)
         except Exception as err:
-            from pipeline.tracking import outage
-
             clear = outage(err)
             if clear is None:
                 raise
             raise clear from err
 
     return stage
-
-
-def run(main: Callable[[list[str]], None], *, launchable: str | None = None) -> None:
-    """Run a stage: a known error (bad params, bad data, bad model, an unreachable service) is one clear line and
-    exit code 2. Under Prefect (see `under_prefect`) the stage is a flow run (flows/stages.py); under a
-    multi-process launcher (torchrun / accelerate launch) only rank 0 is, the other ranks run `main` directly.
-    `launchable` (the training stages' module name): with $VR_LAUNCHER set, the stage runs under that launcher
-    instead (pipeline.distributed.launcher_command) and exits with its exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from pipeline.config import ParamsError
-    from pipeline.data import DataError
-    from pipeline.distributed import is_main, launcher_command, relaunch
-    from pipeline.model import ModelStructureError
-    from pipeline.tracking import TrackingError
-
-    known: tuple[type[BaseException], ...] = (
-        ParamsError, DataError, ModelStructureError, FileNotFoundError, ValueError, TrackingError,
-    )
-    main = _naming_tracking_outages(main)
-    try:
-        command = launcher_command(launchable, sys.argv[1:]) if launchable else None
-        if command:
-            log.info("running under %s: %s", "VR_LAUNCHER", " ".join(command))
-            sys.exit(relaunch(command))
-        if under_prefect() and is_main():
-            from flows.services import ServiceError
-            from flows.stages import run_stage
-
-            known = (*known, ServiceError)
-            run_stage(main, sys.argv[1:], known)
-        else:
-            main(sys.argv[1:])
-    except known as err:
-        log.error("%s: %s", type(err).__name__, err)
-        sys.exit(2)

@@ -5,56 +5,54 @@ gets conventional angular-distance pruning: the paper's comparison.
     python -m stages.prune --run uniform25
 """
 
-import json
-from pathlib import Path
-
-from stages._common import load_params, run, run_name, torch_dtype
+from stages import _inputs as inputs, _paths as paths
+from stages._common import run, run_name
 
 
 def main(argv: list[str]) -> None:
     name = run_name(argv, "stages.prune")
 
-    import datasets
     from safetensors.torch import load_file
 
-    from pipeline import importance, model as M, pruning
+    from pipeline import data, importance, model, pruning
+    from pipeline.config import ParamsError
     from pipeline.storage import atomic_write_json, atomic_write_text
 
-    params = load_params()
+    params = inputs.load_params()
+    params.tune.run(name)  # a bad --run fails here, before any loading
     cfg = params.prune
-    tuned_dir = Path(f"models/tuned/{name}")
-    if not tuned_dir.exists():
-        raise FileNotFoundError(f"tuned model {tuned_dir} does not exist: run `dvc repro tune@{name}` first")
-    selection = json.loads((tuned_dir / "selection.json").read_text())
-    model, processor = M.load_vlm(tuned_dir, dtype=torch_dtype(params.model.dtype))
-    num_layers = M.num_decoder_layers(model)
-    region = selection["layers"]
+    tune_stage = inputs.stage_name(params, "tune", name)
+    tuned_dir = inputs.need(paths.tuned_model(name), tune_stage)
+    region = inputs.read_json(paths.selection(name), tune_stage, ("layers",))["layers"]
+    vlm, processor = model.load_vlm(tuned_dir, dtype=inputs.torch_dtype(params.model.dtype))
+    num_layers = model.num_decoder_layers(vlm)
     protected = [] if len(region) == num_layers else region
     try:  # before scoring (minutes on a real model): can this many layers go, given the run's region?
         pruning.choose_layers_to_prune([0.0] * num_layers, cfg.num_layers, protected)
     except ValueError as err:
-        raise ValueError(f"prune.num_layers={cfg.num_layers} for run {name!r}: {err}") from None
+        raise ParamsError(f"prune.num_layers={cfg.num_layers} for run {name!r}: {err}") from None
 
-    instruct = datasets.load_from_disk("data/prepared/visual")["instruct_train"]
+    visual_dir = paths.PREPARED / data.VISUAL_DIR
+    instruct = inputs.prepared(data.VISUAL_DIR)["instruct_train"]
     calib = importance.calibration_sample(instruct, cfg.calibration_samples, seed=params.seed,
-                                          source="data/prepared/visual, split 'instruct_train'")
+                                          source=f"{visual_dir}, split 'instruct_train'")
     base_state = {}
-    for f in sorted(Path("models/projector").glob("*.safetensors")):
+    for f in sorted(inputs.need(paths.PROJECTOR, "pretrain_projector").glob("*.safetensors")):
         base_state |= load_file(f)
     batches = importance.calibration_batches(processor, calib, cfg.batch_size)
-    scores = importance.layer_importance(model, batches, base=base_state)
+    scores = importance.layer_importance(vlm, batches, base=base_state)
 
     remove = pruning.choose_layers_to_prune(scores.get(cfg.metric), cfg.num_layers, protected)
-    kept = pruning.remove_layers(model, remove, protected=protected)
+    kept = pruning.remove_layers(vlm, remove, protected=protected)
     meta = {"run": name, "metric": cfg.metric, "protected": protected, "mode": "protected" if protected else "conventional"}
-    pruning.export_pruned(model, processor, f"models/pruned/{name}", removed=remove, kept=kept, meta=meta)
+    pruning.export_pruned(vlm, processor, paths.pruned_model(name), removed=remove, kept=kept, meta=meta)
 
-    atomic_write_json(f"plots/importance/{name}.json", scores.to_dict())
+    atomic_write_json(paths.importance_scores(name), scores.to_dict())
     rows = scores.to_rows()
     header = list(rows[0])
-    atomic_write_text(f"plots/importance/{name}.csv", ",".join(header) + "\n" + "".join(
+    atomic_write_text(paths.importance_plot(name), ",".join(header) + "\n" + "".join(
         ",".join("" if r[h] is None else str(r[h]) for h in header) + "\n" for r in rows))
-    atomic_write_json(f"metrics/prune/{name}.json", {
+    atomic_write_json(paths.stage_metrics("prune", name), {
         "removed": remove, "kept": kept, "num_layers_before": num_layers, "num_layers_after": len(kept), **meta,
     })
 

@@ -5,11 +5,14 @@
     python -m stages.register
 """
 
-import json
 import os
-from pathlib import Path
 
-from stages._common import load_params, run
+from pipeline.tracking import outage
+from stages import _inputs as inputs, _paths as paths
+from stages._common import run
+
+# registry.kinds -> (the path of a run's checkpoint of that kind, the stage writing it)
+CHECKPOINTS = {"tuned": (paths.tuned_model, "tune"), "pruned": (paths.pruned_model, "prune")}
 
 
 def _int(version: str | None) -> int | None:
@@ -19,10 +22,10 @@ def _int(version: str | None) -> int | None:
 def main(argv: list[str]) -> None:
     from pipeline.storage import atomic_write_json
 
-    params = load_params()
+    params = inputs.load_params()
     cfg = params.registry
     if not cfg.enabled:
-        atomic_write_json("metrics/registry.json", {"enabled": False})
+        atomic_write_json(paths.stage_metrics("registry"), {"enabled": False})
         return
 
     from pipeline import registry, tracking
@@ -30,12 +33,13 @@ def main(argv: list[str]) -> None:
 
     registry.ensure_reachable(os.environ.get("MLFLOW_TRACKING_URI"))
     runs = params.tune.all_runs()
-    evals = {name: json.loads(Path(f"metrics/eval/{name}.json").read_text()) for name in runs}
+    evals = {name: inputs.read_json(paths.stage_metrics("eval", name), inputs.stage_name(params, "evaluate", name),
+                                    ("tuned", "pruned")) for name in runs}
     base = evals["all"]["tuned"]
-    mlflow = tracking.setup(params.mlflow.experiment)
+    tracking.setup(params.mlflow.experiment)
     results: dict = {"enabled": True, "models": {}}
     for name in runs:
-        selection = json.loads(Path(f"models/tuned/{name}/selection.json").read_text())
+        selection = inputs.read_json(paths.selection(name), inputs.stage_name(params, "tune", name))
         for kind in cfg.kinds:
             scores = evals[name][kind]
             decision = registry.gate(
@@ -44,7 +48,8 @@ def main(argv: list[str]) -> None:
                 min_visual=cfg.min_visual_retention, min_text=cfg.min_text_retention,
             )
             model = registry.model_name(cfg.model_name, name, kind)
-            checkpoint = f"models/{kind}/{name}"
+            path, stage = CHECKPOINTS[kind]
+            checkpoint = str(inputs.need(path(name), inputs.stage_name(params, stage, name)))
             version = registry.register_checkpoint(
                 checkpoint, model, run_id=selection.get("mlflow_run_id"), dtype=params.model.dtype,
                 fingerprint=tracking.tree_hash(checkpoint),
@@ -57,8 +62,8 @@ def main(argv: list[str]) -> None:
                 "promoted": decision.passed, "gate": decision.summary(),
                 "visual_retention": decision.visual_retention, "text_retention": decision.text_retention,
             }
-    atomic_write_json("metrics/registry.json", results)
+    atomic_write_json(paths.stage_metrics("registry"), results)
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, outage=outage)

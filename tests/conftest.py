@@ -18,14 +18,12 @@ MICRO_TEXTS = [
 
 def build_micro(root: Path, **spec_overrides) -> Path:
     """Build and save a micro LLaVA (the micro profile with `spec_overrides`) under `root`; returns its directory."""
-    import dataclasses
+    import pipeline.model
 
-    from pipeline import model as M
-
-    spec = dataclasses.replace(M.PROFILES["micro"], **spec_overrides)
-    vision_dir, lm_dir = M.build_offline_parts(spec, MICRO_TEXTS, root, seed=0)
-    model, processor = M.compose_llava(str(vision_dir), str(lm_dir))
-    M.save_vlm(model, processor, root / "base")
+    spec = pipeline.model.ProfileSpec(**(pipeline.model.PROFILES["micro"].model_dump() | spec_overrides))  # validated, unlike model_copy
+    vision_dir, lm_dir = pipeline.model.build_offline_parts(spec, MICRO_TEXTS, root, seed=0)
+    model, processor = pipeline.model.compose_llava(str(vision_dir), str(lm_dir))
+    pipeline.model.save_vlm(model, processor, root / "base")
     return root / "base"
 
 
@@ -44,9 +42,9 @@ def micro4_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def micro(micro_dir):
     """A fresh (model, processor) pair loaded from the micro checkpoint."""
-    from pipeline import model as M
+    import pipeline.model
 
-    return M.load_vlm(micro_dir)
+    return pipeline.model.load_vlm(micro_dir)
 
 
 # ------------------------------------------------------------------------------------------ real servers on 127.0.0.1

@@ -21,27 +21,27 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import data as D  # noqa: E402
+from pipeline import data  # noqa: E402
 from pipeline import distributed as dist_helpers  # noqa: E402
-from pipeline import model as M  # noqa: E402
-from pipeline import training as T  # noqa: E402
-from pipeline import tuning as TU  # noqa: E402
+import pipeline.model  # noqa: E402
+from pipeline import training  # noqa: E402
+from pipeline import tuning  # noqa: E402
 from pipeline.config import DistributedParams, TrainParams  # noqa: E402
 
 GLOBAL_BATCH = 4
 STEPS = 4  # 4 steps x 4 samples = the 16 records once: one epoch
-LORA = TU.LoraSpec(r=4, alpha=8, dropout=0.0)
+LORA = tuning.LoraSpec(r=4, alpha=8, dropout=0.0)
 ANSWERS = ["red", "a big blue square", "two", "the shape on the left of the image is green"]
 
 # name -> (trainability, strategy). `uniform` is the micro4 model's uniform 50% selection: layers 1 and 3 train,
 # layers 0 and 2 are frozen. `stopped` freezes the projector too, so the backward stop detaches layers 0..2's inputs.
 CASES = {
-    "uniform": (TU.Trainability(language_model="full", layers=(1, 3)), "ddp"),
-    "lora": (TU.Trainability(language_model="lora", layers=(1, 3), lora=LORA), "ddp"),
-    "stopped": (TU.Trainability(projector="frozen", language_model="full", layers=(3,)), "ddp"),
-    "fsdp_uniform": (TU.Trainability(language_model="full", layers=(1, 3)), "fsdp"),
-    "fsdp_lora": (TU.Trainability(language_model="lora", layers=(1, 3), lora=LORA), "fsdp"),
-    "fsdp_stopped": (TU.Trainability(projector="frozen", language_model="full", layers=(3,)), "fsdp"),
+    "uniform": (tuning.Trainability(language_model="full", layers=(1, 3)), "ddp"),
+    "lora": (tuning.Trainability(language_model="lora", layers=(1, 3), lora=LORA), "ddp"),
+    "stopped": (tuning.Trainability(projector="frozen", language_model="full", layers=(3,)), "ddp"),
+    "fsdp_uniform": (tuning.Trainability(language_model="full", layers=(1, 3)), "fsdp"),
+    "fsdp_lora": (tuning.Trainability(language_model="lora", layers=(1, 3), lora=LORA), "fsdp"),
+    "fsdp_stopped": (tuning.Trainability(projector="frozen", language_model="full", layers=(3,)), "fsdp"),
 }
 REFERENCE = {"fsdp_uniform": "uniform", "fsdp_lora": "lora", "fsdp_stopped": "stopped", "resume": "uniform",
              "fsdp_resume": "uniform"}
@@ -57,21 +57,21 @@ def dataset() -> datasets.Dataset:
                            {"from": "gpt", "value": ANSWERS[(i * 3) % 4] if i % 3 else ANSWERS[(i + 1) % 4]}]}
         for i in range(16)
     ]
-    return datasets.Dataset.from_list(records, features=D.VISUAL_FEATURES)
+    return datasets.Dataset.from_list(records, features=data.VISUAL_FEATURES)
 
 
 def train_case(name: str, micro_dir, ckpt_dir, *, processes: int, strategy: str = "ddp"):
     """Train case `name` with a global batch of 4 over `processes` processes; returns (merged model or None on
     ranks > 0, TrainResult)."""
     spec = CASES[REFERENCE.get(name, name)][0]
-    model, processor = M.load_vlm(micro_dir)
+    model, processor = pipeline.model.load_vlm(micro_dir)
     params = TrainParams(
         max_steps=STEPS, batch_size=GLOBAL_BATCH // processes, global_batch_size=GLOBAL_BATCH, max_length=64,
         warmup_ratio=0.0, logging_steps=1, save_steps=2, distributed=DistributedParams(strategy=strategy),
     )
-    merged, result, _ = T.train_visual(
+    merged, result, _ = training.train_visual(
         model, processor, dataset(), trainability=spec, projector_lr=1e-3, lm_lr=1e-3, params=params,
-        ckpt_dir=Path(ckpt_dir), seed=0, fingerprint={"case": name}, reload=lambda: M.load_vlm(micro_dir)[0],
+        ckpt_dir=Path(ckpt_dir), seed=0, fingerprint={"case": name}, reload=lambda: pipeline.model.load_vlm(micro_dir)[0],
     )
     return merged, result
 
@@ -85,10 +85,10 @@ def _allow_fsdp_on_cpu() -> None:
     """accelerate enables FSDP only on accelerators and silently falls back to DDP on CPU processes; torch's FSDP2
     itself runs on CPU with gloo. For this test only, let accelerate take the FSDP plugin on CPU, so that our FSDP
     glue (wrap classes, optimizer hand-over, gathering the DTensor shards, reload + merge) runs for real."""
-    import accelerate.state as S
+    import accelerate.state
     from accelerate.utils import DistributedType
 
-    original = S.AcceleratorState.__init__
+    original = accelerate.state.AcceleratorState.__init__
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
@@ -96,7 +96,7 @@ def _allow_fsdp_on_cpu() -> None:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
 
-    S.AcceleratorState.__init__ = init
+    accelerate.state.AcceleratorState.__init__ = init
 
 
 def recording_factory(base_factory, crash_at: dict, made: list):
@@ -162,7 +162,7 @@ def main(micro_dir: str, out_dir: str) -> None:
     _allow_fsdp_on_cpu()
     crash_at: dict = {}
     trainers: list = []
-    T._trainer_class = recording_factory(T._trainer_class, crash_at, trainers)
+    training._trainer_class = recording_factory(training._trainer_class, crash_at, trainers)
     rank0 = dist_helpers.is_main()
     report = {"world_size": dist_helpers.world_size()}
     # DDP cases first: enabling FSDP leaves ACCELERATE_USE_FSDP in the environment for the rest of the process

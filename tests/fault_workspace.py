@@ -185,7 +185,7 @@ _SESSION: dict = {}
 def _init(root: Path) -> Workspace:
     ws = Workspace(root / "base", root / "base-logs")
     ws.path.mkdir()
-    for name in ("pipeline", "stages"):
+    for name in ("pipeline", "stages", "flows"):  # flows: the stages import flows/stages.py (under Prefect)
         shutil.copytree(REPO / name, ws.path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, ws.path / name)

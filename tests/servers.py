@@ -4,12 +4,10 @@ in conftest.py, started by flows/services.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,8 +117,11 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
 
 
 def prefect_api(api_url: str, path: str, payload: dict | None = None) -> object:
-    req = urllib.request.Request(f"{api_url.rstrip('/')}/{path.lstrip('/')}", method="POST" if payload is not None else "GET",
-                                 data=json.dumps(payload).encode() if payload is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (the test's own server on 127.0.0.1)
-        return json.loads(resp.read())
+    """GET `<api_url>/<path>`, or POST `payload` there, as JSON, through the Prefect client: it retries what a busy
+    server answers (429, 502, 503, a timeout, a dropped connection: PREFECT_CLIENT_MAX_RETRIES times, default 5, with
+    backoff); an error status raises httpx.HTTPStatusError."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(api_url) as client:
+        response = client.request("POST" if payload is not None else "GET", "/" + path.lstrip("/"), json=payload)
+    return response.json()

@@ -160,11 +160,11 @@ def _umask() -> int:
 # ----------------------------------------------------------------------------------------- a model, a dataset
 def test_save_vlm_killed_while_saving_keeps_the_previous_model(tmp_path, micro_dir):
     """A real model directory (safetensors + processor) killed after the weights, before the processor files."""
-    from pipeline import model as M
+    import pipeline.model
 
     out = tmp_path / "models" / "projector"
-    model, processor = M.load_vlm(micro_dir)
-    M.save_vlm(model, processor, out, extra_json={"selection.json": {"layers": [0]}})
+    model, processor = pipeline.model.load_vlm(micro_dir)
+    pipeline.model.save_vlm(model, processor, out, extra_json={"selection.json": {"layers": [0]}})
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     kill_mid_write(f"""
@@ -178,9 +178,9 @@ def test_save_vlm_killed_while_saving_keeps_the_previous_model(tmp_path, micro_d
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(leftovers(out)) == 1
 
-    M.save_vlm(model, processor, out, extra_json={"selection.json": {"layers": [1]}})
+    pipeline.model.save_vlm(model, processor, out, extra_json={"selection.json": {"layers": [1]}})
     assert leftovers(out) == [] and json.loads((out / "selection.json").read_text()) == {"layers": [1]}
-    M.load_vlm(out)  # whole and loadable
+    pipeline.model.load_vlm(out)  # whole and loadable
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
 
 

@@ -1,7 +1,8 @@
 """Bad inputs through the real stage entry points: `python -m stages.<stage>` with VR_PARAMS pointing at a params
 file that carries the fault. Each must exit with code 2 and log one error naming the input (file, record, field or
 params key; a params error is a header naming the file and one line per bad key), never a traceback, and leave no
-output behind (nor a temporary one).
+output behind (nor a temporary one). That exit is for the project's own errors (pipeline.errors.ProjectError) only:
+anything else is a bug, and exits 1 with its traceback (the last tests).
 
 The library-level checks of the same faults are in test_data.py (importer), test_config.py (params schema),
 test_selection.py, test_pruning.py and test_model.py; these tests add the stage contract on top. Not repeated here:
@@ -274,7 +275,7 @@ def test_out_of_range_layer_index_is_refused_once_the_depth_is_known(tmp_path, p
     link(tmp_path, "data/prepared", prepared)
     link(tmp_path, "models/projector", micro4_dir)
     proc = stage(tmp_path, "tune", params(**{"tune.runs.x.strategy": [0, 7]}), "--run", "x")
-    assert_refused(proc, tmp_path, "ValueError: tune.runs.x:", "layer index 7 is out of range for 4 layers",
+    assert_refused(proc, tmp_path, "ParamsError: tune.runs.x:", "layer index 7 is out of range for 4 layers",
                    outputs=("models/tuned/x", "metrics/tune/x.json", "checkpoints/tune/x", "mlflow.db"))
 
 
@@ -300,7 +301,7 @@ def test_model_directory_without_weights(tmp_path, prepared, micro4_dir):
         if f.suffix != ".safetensors":
             shutil.copy(f, base / f.name)
     proc = stage(tmp_path, "pretrain_projector", params())
-    assert_refused(proc, tmp_path, "FileNotFoundError", "model directory models/base has no weights",
+    assert_refused(proc, tmp_path, "MissingInputError", "model directory models/base has no weights",
                    outputs=("models/projector", "metrics/projector.json", "checkpoints/pretrain_projector"))
 
 
@@ -349,3 +350,108 @@ def test_composing_with_a_language_model_without_a_decoder_layer_list(tmp_path, 
     proc = stage(tmp_path, "build_base", raw)
     assert_refused(proc, tmp_path, "ModelStructureError", str(foreign_models["gpt2"]), "GPT2LMHeadModel",
                    "no decoder layer list at `.model.layers`", outputs=("models/base", "metrics/base.json"))
+
+
+# ------------------------------------------------------------------------------------------------ missing inputs
+def test_params_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "bad-params.yaml"
+    bad.write_bytes("tune: {runs: {all: {strategy: all}}}\n# caf\xe9\n".encode("latin-1"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VR_PARAMS": str(bad), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert_refused(proc, tmp_path, f"ParamsError: params file {bad} is not UTF-8 text", outputs=PREPARE_OUTPUTS)
+
+
+@pytest.mark.parametrize("module", ["tune", "prune", "evaluate"])
+def test_run_name_not_in_params(tmp_path, module):
+    proc = stage(tmp_path, module, params(), "--run", "nope")
+    assert_refused(proc, tmp_path, "ParamsError: --run 'nope': no such entry in tune.runs or tune.importance_runs",
+                   "['all', 'x']")
+
+
+def test_missing_tuned_model(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    assert_refused(stage(tmp_path, "prune", params(), "--run", "x"), tmp_path,
+                   "MissingInputError: models/tuned/x is missing: `dvc repro tune@x` writes it",
+                   outputs=("models/pruned/x", "metrics/prune/x.json"))
+
+
+def test_missing_pruned_model(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/tuned/x", micro4_dir)
+    assert_refused(stage(tmp_path, "evaluate", params(), "--run", "x"), tmp_path,
+                   "MissingInputError: models/pruned/x is missing: `dvc repro prune@x` writes it",
+                   outputs=("metrics/eval/x.json",))
+
+
+def test_missing_prepared_dataset(tmp_path, micro4_dir):
+    link(tmp_path, "models/base", micro4_dir)
+    assert_refused(stage(tmp_path, "pretrain_projector", params()), tmp_path,
+                   "MissingInputError: data/prepared/visual is missing: `dvc repro prepare` writes it",
+                   outputs=("models/projector", "metrics/projector.json"))
+
+
+def test_missing_importance_scores_of_an_importance_run(tmp_path, prepared, micro4_dir):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    raw = params(**{"tune.importance_runs": {"bi1": {"strategy": "importance", "budget": 1, "importance_metric": "bi",
+                                                     "importance_from": "all"}}})
+    assert_refused(stage(tmp_path, "tune", raw, "--run", "bi1"), tmp_path,
+                   "MissingInputError: plots/importance/all.json is missing: `dvc repro prune@all` writes it",
+                   outputs=("models/tuned/bi1", "metrics/tune/bi1.json", "mlflow.db"))
+
+
+def test_unreadable_metrics_of_another_stage(tmp_path):
+    (tmp_path / "metrics/eval").mkdir(parents=True)
+    (tmp_path / "metrics/eval/all.json").write_text('{"tuned": ')
+    assert_refused(stage(tmp_path, "report", params()), tmp_path,
+                   "DataError: metrics/eval/all.json is not valid JSON", "re-run `dvc repro evaluate@all`",
+                   outputs=("reports/summary.md", "metrics/summary.json"))
+    (tmp_path / "metrics/eval/all.json").write_text('{"tuned": {}}')
+    assert_refused(stage(tmp_path, "report", params()), tmp_path,
+                   "DataError: metrics/eval/all.json has no field 'pruned'", outputs=("reports/summary.md",))
+
+
+# ------------------------------------------------------------------------------------- bugs keep their traceback
+def patched_stage(ws: Path, module: str, patch: str, **env_changes: str) -> subprocess.CompletedProcess:
+    """`python -m stages.<module>` after `patch` (Python source) has replaced a library function the stage calls."""
+    bad = ws / "params.yaml"
+    bad.write_text(yaml.safe_dump(params(), sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VR_PARAMS": str(bad), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
+           "VR_PREFECT": "0", **env_changes}
+    env.pop("PREFECT_API_URL", None)
+    code = f"import runpy, sys\n{patch}\nsys.argv = ['{module}']\nrunpy.run_module('stages.{module}', run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+
+
+BUG = """
+from pipeline import data
+def prepare_all(cfg, out_dir):
+    raise ValueError("a bug: not an input's fault")
+data.prepare_all = prepare_all
+"""
+
+
+def test_a_bug_exits_1_with_its_traceback(tmp_path):
+    proc = patched_stage(tmp_path, "prepare", BUG)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "in prepare_all" in proc.stderr
+    assert proc.stderr.rstrip().endswith("ValueError: a bug: not an input's fault")
+    assert " ERROR stages: " not in proc.stderr  # not reported as a bad input
+
+
+def test_a_project_error_exits_2_as_one_line(tmp_path):
+    patch = BUG.replace('raise ValueError("a bug: not an input\'s fault")',
+                        'raise MissingInputError("data/raw is missing: fetch it first")')
+    proc = patched_stage(tmp_path, "prepare", "from pipeline.errors import MissingInputError\n" + patch)
+    assert_refused(proc, tmp_path, "MissingInputError: data/raw is missing: fetch it first", outputs=PREPARE_OUTPUTS)
+
+
+def test_a_bug_under_prefect_exits_1_with_its_traceback(tmp_path):
+    """The same bug in a stage run as a Prefect flow (an ephemeral server: VR_PREFECT=1) is not a known error."""
+    proc = patched_stage(tmp_path, "prepare", BUG, VR_PREFECT="1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "ValueError: a bug: not an input's fault" in proc.stderr
+    assert " ERROR stages: " not in proc.stderr

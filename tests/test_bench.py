@@ -107,9 +107,9 @@ def test_flop_model_textbook_limits(tb):
     """Decoder layers dominating (tiny vocab, short sequence, tiny vision tower): uniform 25% full-parameter ->
     (0.25*3 + 0.75*2)/3 = 0.75; projector only -> 2/3; top 25% with the projector frozen -> about
     (6*1 + 2*3)/(8*3) = 0.5 (layers below the lowest trainable one run forward only)."""
-    import _llava as L
+    import _llava
 
-    shape = dataclasses.replace(L.PRESETS["micro"], layers=8, hidden=256, heads=4, kv_heads=4, intermediate=688,
+    shape = dataclasses.replace(_llava.PRESETS["micro"], layers=8, hidden=256, heads=4, kv_heads=4, intermediate=688,
                                 vocab=8, seq=24, image_size=16, patch=8)
     lim, flops = limits(tb, shape)
     assert lim["uniform25_full"] == pytest.approx(0.75, abs=0.01)

@@ -2,12 +2,14 @@
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import config as C
+from pipeline import config
 from pipeline.selection import select_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +28,8 @@ def mutate(base: dict, fn) -> dict:
 
 
 def invalid(raw: dict, match: str) -> str:
-    with pytest.raises(C.ParamsError, match=match) as err:
-        C.validate(raw, "x.yaml")
+    with pytest.raises(config.ParamsError, match=match) as err:
+        config.validate(raw, "x.yaml")
     assert str(err.value).startswith("invalid params in x.yaml:")
     return str(err.value)
 
@@ -44,8 +46,8 @@ def test_shipped_files_found():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_params_validate(path):
-    params = C.load(path)
-    assert isinstance(params, C.Params)
+    params = config.load(path)
+    assert isinstance(params, config.Params)
     assert "all" in params.tune.runs
     assert params.tune.runs["all"].strategy == "all"
     if params.model.profile != "hf":
@@ -57,14 +59,14 @@ def test_shipped_params_validate(path):
 
 
 def test_default_params_yaml():
-    params = C.load(ROOT / "params.yaml")
+    params = config.load(ROOT / "params.yaml")
     assert params.model.profile == "tiny"
     assert params.tune.runs["uniform25"].budget == 0.25
     assert params.tune.runs["uniform25"].language_model == "full"
 
 
 def test_micro_params_shape():
-    params = C.load(ROOT / "params" / "micro.yaml")
+    params = config.load(ROOT / "params" / "micro.yaml")
     spec = params.model.profile_spec()
     assert spec.lm_layers == 4 and spec.lm_hidden == 32
     assert params.tune.lora.r == 4 and params.tune.lora.dropout == 0.0
@@ -73,7 +75,7 @@ def test_micro_params_shape():
 
 
 def test_llava_params_match_the_paper():
-    params = C.load(ROOT / "params" / "llava-1.5-7b.yaml")
+    params = config.load(ROOT / "params" / "llava-1.5-7b.yaml")
     assert params.model.profile == "hf" and params.model.dtype == "bfloat16"
     assert (params.tune.lora.r, params.tune.lora.alpha) == (128, 256)
     run = params.tune.runs["uniform25"]
@@ -82,7 +84,7 @@ def test_llava_params_match_the_paper():
 
 
 def test_minimal_params_use_defaults():
-    params = C.validate({"tune": {"runs": {"all": {"strategy": "all"}}}}, "x.yaml")
+    params = config.validate({"tune": {"runs": {"all": {"strategy": "all"}}}}, "x.yaml")
     assert params.model.profile == "tiny"
     assert params.tune.train.max_steps == 200
     assert params.prune.metric == "angular"
@@ -173,7 +175,7 @@ def test_bool_budget_is_rejected(base):
 
 def test_budget_int_vs_float_kept(base):
     raw = mutate(base, lambda r: (add_run(r, "one", strategy="bottom", budget=1), add_run(r, "every", strategy="bottom", budget=1.0)))
-    runs = C.validate(raw, "x.yaml").tune.runs
+    runs = config.validate(raw, "x.yaml").tune.runs
     assert runs["one"].budget == 1 and type(runs["one"].budget) is int
     assert runs["every"].budget == 1.0 and type(runs["every"].budget) is float
 
@@ -183,7 +185,7 @@ def test_unknown_strategy(base):
 
 
 def test_explicit_list_strategy_accepted(base):
-    params = C.validate(mutate(base, lambda r: add_run(r, strategy=[1, 5, 9])), "x.yaml")
+    params = config.validate(mutate(base, lambda r: add_run(r, strategy=[1, 5, 9])), "x.yaml")
     assert params.tune.runs["x"].strategy == [1, 5, 9]
 
 
@@ -238,7 +240,7 @@ def test_importance_from_unknown_run(base):
 
 
 def test_importance_run_ok(base):
-    params = C.validate(
+    params = config.validate(
         mutate(base, lambda r: add_importance_run(r, strategy="importance", budget=3, importance_metric="mm_bi", importance_from="all")),
         "x.yaml",
     )
@@ -278,11 +280,11 @@ def test_pruning_curve_runs_must_exist(base):
 
 
 def test_vision_pretraining_needs_enough_pairs(base):
-    assert C.validate(base).vision_pretrain.train.max_steps > 0 and C.validate(base).data.vision_pairs > 0
+    assert config.validate(base).vision_pretrain.train.max_steps > 0 and config.validate(base).data.vision_pairs > 0
     invalid(mutate(base, lambda r: r["data"].update(vision_pairs=0)),
             r"vision_pretrain.train.max_steps > 0 needs data.vision_pairs > vision_pretrain.eval_pairs \(256\), got 0")
     off = mutate(base, lambda r: (r["data"].update(vision_pairs=0), r["vision_pretrain"]["train"].update(max_steps=0)))
-    assert C.validate(off).vision_pretrain.train.max_steps == 0  # the tower stays random
+    assert config.validate(off).vision_pretrain.train.max_steps == 0  # the tower stays random
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -302,7 +304,7 @@ def test_hf_profile_needs_sources(base, model):
 @pytest.mark.parametrize("model", [{"profile": "hf", "checkpoint": "llava-hf/llava-1.5-7b-hf"},
                                    {"profile": "hf", "vision": "v", "language_model": "l"}])
 def test_hf_profile_ok(base, model):
-    assert C.validate(mutate(base, lambda r: r.update(model=model)), "x.yaml").model.profile == "hf"
+    assert config.validate(mutate(base, lambda r: r.update(model=model)), "x.yaml").model.profile == "hf"
 
 
 @pytest.mark.parametrize("profile", ["tiny", "micro"])
@@ -319,50 +321,93 @@ def test_bad_spec_shape(base):
 
 
 def test_spec_override_applies(base):
-    params = C.validate(mutate(base, lambda r: r["model"].update(profile="micro", spec={"lm_layers": 6})), "x.yaml")
+    params = config.validate(mutate(base, lambda r: r["model"].update(profile="micro", spec={"lm_layers": 6})), "x.yaml")
     assert params.model.profile_spec().lm_layers == 6
 
 
+def test_bad_spec_field_names_it(base):
+    invalid(mutate(base, lambda r: r["model"].update(spec={"vision_layers": 1})),
+            r"model: .*spec\.vision_layers: Input should be greater than or equal to 2")
+
+
 def test_lora_spec_checked(base):
-    invalid(mutate(base, lambda r: r["tune"].update(lora={"r": 0})), r"tune\.lora: .*r and alpha must be >= 1")
+    invalid(mutate(base, lambda r: r["tune"].update(lora={"r": 0})), r"tune\.lora\.r: Input should be greater than or equal to 1")
+    invalid(mutate(base, lambda r: r["tune"].update(lora={"dropout": 1.0})), r"tune\.lora\.dropout: Input should be less than 1")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("image_size", 8), ("num_captions", -1), ("digits_test_fraction", 1.0), ("text_test_fraction", 0.0),
+     ("text_chunk_chars", 10), ("llava_on_error", "ignore"), ("llava_image_mode", "resize"), ("num_proc", 0)],
+)
+def test_bad_data_value_names_the_key(base, key, value):
+    invalid(mutate(base, lambda r: r["data"].update({key: value})), rf"\n  data\.{key}: ")
+
+
+def test_image_dir_needs_its_json(base):
+    invalid(mutate(base, lambda r: r["data"].update(llava_image_dir="images")), r"data: .*llava_image_dir is set but llava_json is not")
+
+
+def test_value_objects_are_frozen_and_hashable():
+    spec = config.PROFILES["micro"]
+    with pytest.raises(ValueError, match="frozen"):
+        spec.lm_layers = 3
+    assert hash(config.LoraSpec()) == hash(config.LoraSpec()) and hash(config.DataConfig()) == hash(config.DataConfig())
+    assert spec.model_copy(update={"lm_layers": 3}).lm_layers == 3 and spec.lm_layers == 2
+
+
+def test_loading_params_imports_no_heavy_library():
+    """Loading params must stay cheap: config imports no torch, transformers, datasets, mlflow or prefect."""
+    paths = [str(p) for p in SHIPPED]
+    code = (
+        "import sys\n"
+        "import pipeline.config\n"
+        f"for path in {paths!r}:\n"
+        "    pipeline.config.load(path)\n"
+        "heavy = ('torch', 'transformers', 'datasets', 'mlflow', 'prefect')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"imported by pipeline.config: {proc.stdout.strip()}"
 
 
 # ---------------------------------------------------------------------------------------------------- files
 def test_not_a_mapping():
     for raw in (None, [1, 2], "tune"):
-        with pytest.raises(C.ParamsError, match="expected a mapping at the top level"):
-            C.validate(raw, "x.yaml")
+        with pytest.raises(config.ParamsError, match="expected a mapping at the top level"):
+            config.validate(raw, "x.yaml")
 
 
 def test_invalid_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("tune: {runs: [\n  - : :\n")
-    with pytest.raises(C.ParamsError, match=rf"params file {re.escape(str(path))} is not valid YAML"):
-        C.load(path)
+    with pytest.raises(config.ParamsError, match=rf"params file {re.escape(str(path))} is not valid YAML"):
+        config.load(path)
 
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.yaml"
-    with pytest.raises(C.ParamsError, match=rf"params file {re.escape(str(path))} does not exist"):
-        C.load(path)
+    with pytest.raises(config.ParamsError, match=rf"params file {re.escape(str(path))} does not exist"):
+        config.load(path)
 
 
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    with pytest.raises(C.ParamsError, match=r"expected a mapping"):
-        C.load(path)
+    with pytest.raises(config.ParamsError, match=r"expected a mapping"):
+        config.load(path)
 
 
 def test_load_error_names_file_and_key(tmp_path, base):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(mutate(base, lambda r: r["tune"]["train"].update(max_steps="abc"))))
-    with pytest.raises(C.ParamsError, match=rf"invalid params in {re.escape(str(path))}:\n  tune\.train\.max_steps"):
-        C.load(path)
+    with pytest.raises(config.ParamsError, match=rf"invalid params in {re.escape(str(path))}:\n  tune\.train\.max_steps"):
+        config.load(path)
 
 
 def test_params_error_is_value_error():
-    assert issubclass(C.ParamsError, ValueError)
+    assert issubclass(config.ParamsError, ValueError)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -402,7 +447,7 @@ def test_study_params_are_the_default_plus_the_study_runs():
         raw["evaluate"].pop("vqa_samples"), raw["evaluate"].pop("digits_samples")  # the study evaluates on fewer
     assert study == default  # regenerate params/study.yaml when params.yaml changes
 
-    params = C.load(ROOT / "params" / "study.yaml")
+    params = config.load(ROOT / "params" / "study.yaml")
     runs = params.tune.runs.values()
     assert {r.strategy for r in runs} >= {"all", "uniform", "bottom", "lower_middle", "upper_middle", "top", "bottom_top", "random"}
     assert len({r.seed for r in runs if r.strategy == "random"}) >= 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import data as D
+import pipeline.data
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "llava_format"
 SMALL = dict(num_captions=40, num_instruct=50, num_vqa_test=20)
@@ -29,7 +28,7 @@ SMALL = dict(num_captions=40, num_instruct=50, num_vqa_test=20)
 # ---------------------------------------------------------------------------
 
 
-def shape_pixel(img: Image.Image, s: D.Shape) -> tuple[int, int, int]:
+def shape_pixel(img: Image.Image, s: pipeline.data.Shape) -> tuple[int, int, int]:
     """A pixel that is inside the shape for every kind (triangles: lower middle)."""
     x0, y0, x1, y1 = s.bbox
     cx = (x0 + x1) // 2
@@ -86,7 +85,7 @@ def test_draw_scene_shapes_are_visible_and_in_their_quadrant():
     rng = random.Random(123)
     seen_counts = Counter()
     for _ in range(300):
-        img, shapes = D.draw_scene(rng, 64)
+        img, shapes = pipeline.data.draw_scene(rng, 64)
         assert img.size == (64, 64) and img.mode == "RGB"
         assert 1 <= len(shapes) <= 4
         seen_counts[len(shapes)] += 1
@@ -98,7 +97,7 @@ def test_draw_scene_shapes_are_visible_and_in_their_quadrant():
             assert x1 - x0 + 1 >= 16 and y1 - y0 + 1 >= 16, "shape too small at 64px"
             assert s.col * 32 <= x0 and x1 < (s.col + 1) * 32
             assert s.row * 32 <= y0 and y1 < (s.row + 1) * 32
-            assert shape_pixel(img, s) == D.PALETTE[s.colour]
+            assert shape_pixel(img, s) == pipeline.data.PALETTE[s.colour]
     assert set(seen_counts) == {1, 2, 3, 4}
 
 
@@ -106,9 +105,9 @@ def test_questions_answers_match_the_drawn_scene():
     rng = random.Random(7)
     asked = Counter()
     for _ in range(200):
-        img, shapes = D.draw_scene(rng, 64, rng.choice([1, None]))
-        for qtype in D.QTYPES:
-            qa = D.make_question(rng, shapes, qtype)
+        img, shapes = pipeline.data.draw_scene(rng, 64, rng.choice([1, None]))
+        for qtype in pipeline.data.QTYPES:
+            qa = pipeline.data.make_question(rng, shapes, qtype)
             if qa is None:
                 assert qtype != "count" and len(shapes) > 1  # one-shape questions are not asked of busier scenes
                 continue
@@ -119,7 +118,7 @@ def test_questions_answers_match_the_drawn_scene():
                 continue
             (s,) = shapes
             if qtype == "colour":
-                assert q == "What colour is the shape?" and a == s.colour and shape_pixel(img, s) == D.PALETTE[a]
+                assert q == "What colour is the shape?" and a == s.colour and shape_pixel(img, s) == pipeline.data.PALETTE[a]
             elif qtype == "shape":
                 assert q == "What shape is in the image?" and a == s.kind
             elif qtype == "position":
@@ -129,14 +128,14 @@ def test_questions_answers_match_the_drawn_scene():
                 assert ((y0 + y1) / 2 < 32) == a.startswith("top")
             elif qtype == "yesno":
                 colour = q.removeprefix("Is the shape ").removesuffix("?")
-                assert colour in D.COLOURS and a == ("yes" if s.colour == colour else "no")
-    assert set(asked) == set(D.QTYPES) and min(asked.values()) > 50
+                assert colour in pipeline.data.COLOURS and a == ("yes" if s.colour == colour else "no")
+    assert set(asked) == set(pipeline.data.QTYPES) and min(asked.values()) > 50
 
 
 def test_vqa_records_balanced_and_well_formed():
-    records = D.make_vqa_records(random.Random(0), 500, 64, "t")
+    records = pipeline.data.make_vqa_records(random.Random(0), 500, 64, "t")
     counts = Counter(r["qtype"] for r in records)
-    assert counts == {q: 100 for q in D.QTYPES}
+    assert counts == {q: 100 for q in pipeline.data.QTYPES}
     yesno = Counter(r["conversations"][1]["value"] for r in records if r["qtype"] == "yesno")
     assert yesno == {"yes": 50, "no": 50}
     for r in records:
@@ -153,22 +152,22 @@ def test_vqa_records_balanced_and_well_formed():
 def test_caption_records():
     rng = random.Random(1)
     for i in range(50):
-        r = D.make_caption_record(rng, 64, f"c{i}")
+        r = pipeline.data.make_caption_record(rng, 64, f"c{i}")
         assert r["qtype"] == "caption"
         assert r["conversations"][0]["value"].startswith("<image>\n")
         caption = r["conversations"][1]["value"]
         assert caption.startswith("a ") and caption.endswith(".")
     shapes = [
-        D.Shape("circle", "red", 0, 0, (0, 0, 1, 1)),
-        D.Shape("square", "blue", 1, 1, (0, 0, 1, 1)),
+        pipeline.data.Shape("circle", "red", 0, 0, (0, 0, 1, 1)),
+        pipeline.data.Shape("square", "blue", 1, 1, (0, 0, 1, 1)),
     ]
-    assert D.describe_scene(shapes) == "a red circle on the top left and a blue square on the bottom right."
+    assert pipeline.data.describe_scene(shapes) == "a red circle on the top left and a blue square on the bottom right."
 
 
 def test_synthetic_determinism():
-    a = D.make_vqa_records(random.Random("s"), 30, 64, "x")
-    b = D.make_vqa_records(random.Random("s"), 30, 64, "x")
-    c = D.make_vqa_records(random.Random("t"), 30, 64, "x")
+    a = pipeline.data.make_vqa_records(random.Random("s"), 30, 64, "x")
+    b = pipeline.data.make_vqa_records(random.Random("s"), 30, 64, "x")
+    c = pipeline.data.make_vqa_records(random.Random("t"), 30, 64, "x")
     assert [record_key(r) for r in a] == [record_key(r) for r in b]
     assert [record_key(r) for r in a] != [record_key(r) for r in c]
 
@@ -182,7 +181,7 @@ def test_digits_split_is_disjoint_and_held_out():
     from sklearn.datasets import load_digits
 
     target = load_digits().target
-    train, test = D.make_digit_records(0, 32, 0.3)
+    train, test = pipeline.data.make_digit_records(0, 32, 0.3)
     train_ids = {r["id"] for r in train}
     test_ids = {r["id"] for r in test}
     assert not train_ids & test_ids
@@ -195,38 +194,38 @@ def test_digits_split_is_disjoint_and_held_out():
         img = Image.open(io.BytesIO(r["image"]["bytes"]))
         assert img.size == (32, 32) and img.mode == "RGB"
     # same seed -> same split; other seed -> other split
-    assert {r["id"] for r in D.make_digit_records(0, 32, 0.3)[1]} == test_ids
-    assert {r["id"] for r in D.make_digit_records(1, 32, 0.3)[1]} != test_ids
+    assert {r["id"] for r in pipeline.data.make_digit_records(0, 32, 0.3)[1]} == test_ids
+    assert {r["id"] for r in pipeline.data.make_digit_records(1, 32, 0.3)[1]} != test_ids
 
 
 def test_text_split_disjoint_and_chunking():
-    topics = D.load_pydoc_topics()
-    train, test = D.split_text_documents(0, 0.1)
+    topics = pipeline.data.load_pydoc_topics()
+    train, test = pipeline.data.split_text_documents(0, 0.1)
     assert not set(train) & set(test)
     assert set(train) | set(test) == set(topics)
     assert len(test) == round(0.1 * len(topics))
-    assert D.split_text_documents(0, 0.1) == (train, test)
+    assert pipeline.data.split_text_documents(0, 0.1) == (train, test)
     for name in list(topics)[:30]:
-        chunks = D.chunk_text(topics[name], 200)
+        chunks = pipeline.data.chunk_text(topics[name], 200)
         assert chunks and all(0 < len(c) <= 200 for c in chunks)
         assert " ".join(chunks).split() == topics[name].split()  # nothing lost
-    assert D.chunk_text("x" * 50, 20) == ["x" * 20, "x" * 20, "x" * 10]
-    assert D.chunk_text("ab\n\n  \n\ncd\n\nefgh", 6) == ["ab\n\ncd", "efgh"]
+    assert pipeline.data.chunk_text("x" * 50, 20) == ["x" * 20, "x" * 20, "x" * 10]
+    assert pipeline.data.chunk_text("ab\n\n  \n\ncd\n\nefgh", 6) == ["ab\n\ncd", "efgh"]
 
 
 def test_text_corpus_has_no_paragraph_leakage():
     # pydoc topics share whole paragraphs; none of the test ones may reach train
-    train, test = D.text_corpus_chunks(0, 0.1, 400)
+    train, test = pipeline.data.text_corpus_chunks(0, 0.1, 400)
     assert train and test
-    train_paras = {p for c in train for p in D.split_paragraphs(c)}
-    test_paras = {p for c in test for p in D.split_paragraphs(c)}
+    train_paras = {p for c in train for p in pipeline.data.split_paragraphs(c)}
+    test_paras = {p for c in test for p in pipeline.data.split_paragraphs(c)}
     assert not train_paras & test_paras
     assert not set(train) & set(test)
     assert all(len(c) <= 400 for c in train + test)
 
 
 def test_text_qa():
-    rows = D.make_text_qa()
+    rows = pipeline.data.make_text_qa()
     assert len(rows) >= 60
     assert len({r["question"] for r in rows}) == len(rows)
     assert {"successor_word", "successor_digit", "opposite", "fact"} <= {r["qtype"] for r in rows}
@@ -234,9 +233,9 @@ def test_text_qa():
             "qtype": "successor_word"} in rows
     for r in rows:
         assert r["answer"] == r["answer"].lower() and r["answer"].strip() == r["answer"]
-    text = D.text_qa_as_text("What is the opposite of up?", "down")
+    text = pipeline.data.text_qa_as_text("What is the opposite of up?", "down")
     assert text == "Question: What is the opposite of up? Answer: down"
-    assert text.startswith(D.text_qa_prompt("What is the opposite of up?"))
+    assert text.startswith(pipeline.data.text_qa_prompt("What is the opposite of up?"))
 
 
 # ---------------------------------------------------------------------------
@@ -245,13 +244,13 @@ def test_text_qa():
 
 
 def test_scene_texts_answer_from_the_told_scene():
-    texts = D.make_scene_texts(random.Random(0), 60)
-    assert texts == D.make_scene_texts(random.Random(0), 60)
+    texts = pipeline.data.make_scene_texts(random.Random(0), 60)
+    assert texts == pipeline.data.make_scene_texts(random.Random(0), 60)
     pattern = re.compile(r"USER: (.+)\n(.+\?) ASSISTANT: (.+)")
     asked = Counter()
     for t in texts:
         scene, question, answer = pattern.fullmatch(t).groups()
-        if question == D.DIGIT_PROMPT:
+        if question == pipeline.data.DIGIT_PROMPT:
             asked["digit"] += 1
             assert scene == f"a handwritten digit {answer}."
             continue
@@ -274,47 +273,47 @@ def test_scene_texts_answer_from_the_told_scene():
         else:
             asked["yesno"] += 1
             assert answer == ("yes" if question == f"Is the shape {colour}?" else "no")
-    assert asked == {q: 10 for q in (*D.QTYPES, "digit")}
+    assert asked == {q: 10 for q in (*pipeline.data.QTYPES, "digit")}
 
 
 def test_scene_texts_are_mixed_into_the_lm_corpus():
-    cfg = D.DataConfig(image_size=32, **SMALL)
-    plain = D.build_text(cfg, D.make_text_qa())["train"]["text"]
-    mixed = D.build_text(dataclasses.replace(cfg, scene_texts=12), D.make_text_qa())["train"]["text"]
+    cfg = pipeline.data.DataConfig(image_size=32, **SMALL)
+    plain = pipeline.data.build_text(cfg, pipeline.data.make_text_qa())["train"]["text"]
+    mixed = pipeline.data.build_text(cfg.model_copy(update={"scene_texts": 12}), pipeline.data.make_text_qa())["train"]["text"]
     added = Counter(mixed) - Counter(plain)
     assert sum(added.values()) == 12 and all(t.startswith("USER: ") for t in added)
 
 
 def test_vision_pairs_caption_their_images_and_stay_out_of_the_tests():
-    cfg = D.DataConfig(image_size=32, **SMALL)
-    assert D.VISION_PAIRS_SPLIT not in D.build_visual(cfg)  # 0 by default: no split
-    visual = D.build_visual(dataclasses.replace(cfg, vision_pairs=30))
-    pairs = visual[D.VISION_PAIRS_SPLIT]
+    cfg = pipeline.data.DataConfig(image_size=32, **SMALL)
+    assert pipeline.data.VISION_PAIRS_SPLIT not in pipeline.data.build_visual(cfg)  # 0 by default: no split
+    visual = pipeline.data.build_visual(cfg.model_copy(update={"vision_pairs": 30}))
+    pairs = visual[pipeline.data.VISION_PAIRS_SPLIT]
     digits_train = [r for r in visual["instruct_train"] if r["qtype"] == "digit"]
     assert len(pairs) == 30 + len(digits_train) and set(pairs["qtype"]) == {"caption"}
     captions = [c[1]["value"] for c in pairs["conversations"]]
     assert all(re.fullmatch(r"a \w+ \w+ on the \w+ \w+((, | and )a \w+ \w+ on the \w+ \w+)*\.", c) for c in captions[:30]), captions[:3]
     digit_caption = {hashlib.sha256(png(r["image"])).digest(): r["conversations"][1]["value"] for r in digits_train}
     for rec, caption in zip(list(pairs)[30:], captions[30:]):
-        assert caption == D.digit_caption(int(digit_caption[hashlib.sha256(png(rec["image"])).digest()]))
+        assert caption == pipeline.data.digit_caption(int(digit_caption[hashlib.sha256(png(rec["image"])).digest()]))
     tests = {hashlib.sha256(png(r)).digest() for split in ("vqa_test", "digits_test") for r in visual[split]["image"]}
     assert not tests & {hashlib.sha256(png(r)).digest() for r in pairs["image"]}
     with pytest.raises(ValueError, match="vision_pairs"):
-        D.DataConfig(vision_pairs=-1)
+        pipeline.data.DataConfig(vision_pairs=-1)
 
 
 def test_prepare_all_layout_and_determinism(tmp_path):
-    cfg = D.DataConfig(image_size=32, **SMALL)
-    counts = D.prepare_all(cfg, tmp_path / "a")
+    cfg = pipeline.data.DataConfig(image_size=32, **SMALL)
+    counts = pipeline.data.prepare_all(cfg, tmp_path / "a")
     out = tmp_path / "a"
     visual = datasets.load_from_disk(str(out / "visual"))
-    assert set(visual) == set(D.VISUAL_SPLITS)
+    assert set(visual) == set(pipeline.data.VISUAL_SPLITS)
     for name, split in visual.items():
-        assert split.features == D.VISUAL_FEATURES
+        assert split.features == pipeline.data.VISUAL_FEATURES
         assert counts[f"visual/{name}"] == len(split)
     assert len(visual["caption_train"]) == 40 and len(visual["vqa_test"]) == 20
     qtypes = Counter(visual["instruct_train"]["qtype"])
-    assert qtypes["digit"] > 1000 and sum(qtypes[q] for q in D.QTYPES) == 50
+    assert qtypes["digit"] > 1000 and sum(qtypes[q] for q in pipeline.data.QTYPES) == 50
     assert visual["instruct_train"][0]["image"].size == (32, 32)
     test_images = {hashlib.sha256(png(r)).digest() for r in visual["vqa_test"]["image"]}
     train_images = {hashlib.sha256(png(r)).digest() for r in visual["caption_train"]["image"]}
@@ -324,7 +323,7 @@ def test_prepare_all_layout_and_determinism(tmp_path):
     assert set(text) == {"train", "test"} and text["train"].column_names == ["text"]
     qa = datasets.load_from_disk(str(out / "text_qa"))
     assert qa.column_names == ["question", "answer", "qtype"]
-    qa_strings = {D.text_qa_as_text(q, a) for q, a in zip(qa["question"], qa["answer"])}
+    qa_strings = {pipeline.data.text_qa_as_text(q, a) for q, a in zip(qa["question"], qa["answer"])}
     train_counts = Counter(text["train"]["text"])
     assert all(train_counts[s] == cfg.text_qa_repeats for s in qa_strings)
     assert not qa_strings & set(text["test"]["text"])
@@ -333,9 +332,9 @@ def test_prepare_all_layout_and_determinism(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == counts
     # determinism: byte-identical directory trees; other seed differs
-    D.prepare_all(cfg, tmp_path / "b")
+    pipeline.data.prepare_all(cfg, tmp_path / "b")
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
-    D.prepare_all(D.DataConfig(seed=1, image_size=32, **SMALL), tmp_path / "c")
+    pipeline.data.prepare_all(pipeline.data.DataConfig(seed=1, image_size=32, **SMALL), tmp_path / "c")
     da, dc = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "c")
     assert da["visual/vqa_test/data-00000-of-00001.arrow"] != dc["visual/vqa_test/data-00000-of-00001.arrow"]
     assert da["text/train/data-00000-of-00001.arrow"] != dc["text/train/data-00000-of-00001.arrow"]
@@ -345,7 +344,7 @@ def test_prepare_all_replaces_existing_out_dir(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    D.prepare_all(D.DataConfig(image_size=32, **SMALL), out)
+    pipeline.data.prepare_all(pipeline.data.DataConfig(image_size=32, **SMALL), out)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -368,7 +367,7 @@ def test_prepare_all_is_atomic_on_failure(tmp_path, monkeypatch, existing):
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", failing_save)
     with pytest.raises(OSError, match="simulated"):
-        D.prepare_all(D.DataConfig(image_size=32, **SMALL), out)
+        pipeline.data.prepare_all(pipeline.data.DataConfig(image_size=32, **SMALL), out)
     assert calls["n"] == 3
     assert tree_digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
@@ -387,14 +386,14 @@ def test_prepare_all_failure_in_swap_restores_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="simulated"):
-        D.prepare_all(D.DataConfig(image_size=32, **SMALL), out)
+        pipeline.data.prepare_all(pipeline.data.DataConfig(image_size=32, **SMALL), out)
     assert (out / "keep.txt").read_text() == "previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_prepare_all_with_imported_llava(tmp_path):
-    cfg = D.DataConfig(image_size=32, llava_json=str(FIXTURE_DIR / "data.json"), **SMALL)
-    counts = D.prepare_all(cfg, tmp_path / "out")
+    cfg = pipeline.data.DataConfig(image_size=32, llava_json=str(FIXTURE_DIR / "data.json"), **SMALL)
+    counts = pipeline.data.prepare_all(cfg, tmp_path / "out")
     assert counts["visual/imported"] == 4
     visual = datasets.load_from_disk(str(tmp_path / "out" / "visual"))
     imported = visual["imported"]
@@ -408,10 +407,10 @@ def test_prepare_all_with_imported_llava(tmp_path):
 
 def test_data_config_validation():
     with pytest.raises(ValueError, match="digits_test_fraction"):
-        D.DataConfig(digits_test_fraction=1.5)
+        pipeline.data.DataConfig(digits_test_fraction=1.5)
     with pytest.raises(ValueError, match="unknown DataConfig keys"):
-        D.DataConfig.from_dict({"seed": 1, "bogus": 2})
-    assert D.DataConfig.from_dict({"seed": 3}).seed == 3
+        pipeline.data.DataConfig.from_dict({"seed": 1, "bogus": 2})
+    assert pipeline.data.DataConfig.from_dict({"seed": 3}).seed == 3
 
 
 # ---------------------------------------------------------------------------
@@ -420,9 +419,9 @@ def test_data_config_validation():
 
 
 def test_import_good_fixture():
-    ds, report = D.import_llava_json(FIXTURE_DIR / "data.json", FIXTURE_DIR)
+    ds, report = pipeline.data.import_llava_json(FIXTURE_DIR / "data.json", FIXTURE_DIR)
     assert report.imported == 4 and report.skipped == {} and report.messages == []
-    assert ds.features == D.VISUAL_FEATURES
+    assert ds.features == pipeline.data.VISUAL_FEATURES
     assert ds["id"] == ["000000001", "000000002", "000000003", "text-only-1"]
     assert set(ds["qtype"]) == {"imported"}
     r0, r1, r2, r3 = (ds[i] for i in range(4))
@@ -436,7 +435,7 @@ def test_import_good_fixture():
     assert r2["image"].getpixel((8, 8)) == (0, 128, 0)  # images/sub/0003.png
     assert r3["image"] is None and "<image>" not in r3["conversations"][0]["value"]
     # image_dir defaults to the JSON's folder
-    ds2, _ = D.import_llava_json(FIXTURE_DIR / "data.json")
+    ds2, _ = pipeline.data.import_llava_json(FIXTURE_DIR / "data.json")
     assert ds2["id"] == ds["id"]
 
 
@@ -444,7 +443,7 @@ def test_import_jsonl(tmp_path):
     records = json.loads((FIXTURE_DIR / "data.json").read_text())
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    ds, report = D.import_llava_json(path, FIXTURE_DIR)
+    ds, report = pipeline.data.import_llava_json(path, FIXTURE_DIR)
     assert report.imported == 4 and len(ds) == 4
 
 
@@ -508,8 +507,8 @@ BAD_CASES = [
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_import_bad_record_raises_with_context(tmp_path, case):
     path, field, reason = _bad_case(tmp_path, case)
-    with pytest.raises(D.DataError) as info:
-        D.import_llava_json(path, tmp_path)
+    with pytest.raises(pipeline.data.DataError) as info:
+        pipeline.data.import_llava_json(path, tmp_path)
     err = info.value
     msg = str(err)
     assert str(path) in msg
@@ -522,7 +521,7 @@ def test_import_bad_record_raises_with_context(tmp_path, case):
 def test_import_bad_record_skip_mode(tmp_path, case, caplog):
     path, _, reason = _bad_case(tmp_path, case)
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
-        ds, report = D.import_llava_json(path, tmp_path, on_error="skip")
+        ds, report = pipeline.data.import_llava_json(path, tmp_path, on_error="skip")
     assert ds["id"] == ["good-0"]
     assert report.imported == 1 and report.skipped == {reason: 1}
     assert len(report.messages) == 1 and "bad-1" in report.messages[0]
@@ -534,28 +533,28 @@ def test_malformed_jsonl_line_names_line(tmp_path):
     lines = [json.dumps(good_record("a")), "", '{"id": "b", "conversations": [', json.dumps(good_record("c"))]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(D.DataError) as info:
-        D.import_llava_json(path, tmp_path)
+    with pytest.raises(pipeline.data.DataError) as info:
+        pipeline.data.import_llava_json(path, tmp_path)
     msg = str(info.value)
     assert str(path) in msg and "line 3" in msg and "record 1" in msg and "malformed JSON" in msg
-    ds, report = D.import_llava_json(path, tmp_path, on_error="skip")
+    ds, report = pipeline.data.import_llava_json(path, tmp_path, on_error="skip")
     assert ds["id"] == ["a", "c"] and report.skipped == {"malformed_json": 1}
 
 
 def test_malformed_json_file_names_line(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n  {"id": "a",\n   "conversations": [}\n]\n')
-    with pytest.raises(D.DataError, match=r"data\.json: malformed JSON at line 3"):
-        D.import_llava_json(path, tmp_path)
+    with pytest.raises(pipeline.data.DataError, match=r"data\.json: malformed JSON at line 3"):
+        pipeline.data.import_llava_json(path, tmp_path)
     path.write_text('{"id": "a"}')
-    with pytest.raises(D.DataError, match="must be a list"):
-        D.import_llava_json(path, tmp_path)
+    with pytest.raises(pipeline.data.DataError, match="must be a list"):
+        pipeline.data.import_llava_json(path, tmp_path)
 
 
 def test_all_records_bad_in_skip_mode_raises(tmp_path):
     path = write_json(tmp_path / "data.json", [good_record("x", "nope.png")])
-    with pytest.raises(D.DataError, match="no valid records"):
-        D.import_llava_json(path, tmp_path, on_error="skip")
+    with pytest.raises(pipeline.data.DataError, match="no valid records"):
+        pipeline.data.import_llava_json(path, tmp_path, on_error="skip")
 
 
 # ---------------------------------------------------------------------------
@@ -587,16 +586,16 @@ def test_image_modes_convert_and_refuse(tmp_path, mode):
     (tmp_path / f"img{suffix}").write_bytes(data)
     path = write_json(tmp_path / "data.json", [good_record("m-1", f"img{suffix}")])
 
-    ds, report = D.import_llava_json(path, tmp_path, image_mode="convert")
+    ds, report = pipeline.data.import_llava_json(path, tmp_path, image_mode="convert")
     assert ds[0]["image"].mode == mode  # stored as it was; converted when read
-    img = D.to_rgb(ds[0]["image"])
+    img = pipeline.data.to_rgb(ds[0]["image"])
     assert img.mode == "RGB" and img.getpixel((4, 4)) == expected
     assert report.converted_modes == {mode: 1}
     if mode == "I;16":
         assert img.getpixel((0, 0)) == (255, 255, 255)
 
-    with pytest.raises(D.DataError) as info:
-        D.import_llava_json(path, tmp_path, image_mode="refuse")
+    with pytest.raises(pipeline.data.DataError) as info:
+        pipeline.data.import_llava_json(path, tmp_path, image_mode="refuse")
     msg = str(info.value)
     assert str(path) in msg and "id='m-1'" in msg and "field 'image'" in msg and repr(mode) in msg
     assert info.value.reason == "image_mode"
@@ -605,6 +604,6 @@ def test_image_modes_convert_and_refuse(tmp_path, mode):
 def test_cmyk_jpeg_converts(tmp_path):
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "img.jpg", format="JPEG")
     path = write_json(tmp_path / "data.json", [good_record("j", "img.jpg")])
-    ds, _ = D.import_llava_json(path, tmp_path)
-    r, g, b = D.to_rgb(ds[0]["image"]).getpixel((2, 2))
+    ds, _ = pipeline.data.import_llava_json(path, tmp_path)
+    r, g, b = pipeline.data.to_rgb(ds[0]["image"]).getpixel((2, 2))
     assert ds[0]["image"].size == (8, 8) and r > 200 and g < 60 and b < 60

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data as D
+from pipeline import data
 from pipeline.data import encoding, llava
 
 
@@ -51,8 +51,8 @@ def test_parallel_import_equals_one_process_and_keeps_the_bytes(llava_dir, monke
     monkeypatch.setattr(llava, "CHUNK", 7)  # several chunks, so two processes share the work
     path = llava_dir / "data.json"
     path.write_text(json.dumps(records(40), indent=1))
-    one, _ = D.import_llava_json(path, llava_dir, num_proc=1)
-    two, report = D.import_llava_json(path, llava_dir, num_proc=2)
+    one, _ = data.import_llava_json(path, llava_dir, num_proc=1)
+    two, report = data.import_llava_json(path, llava_dir, num_proc=2)
     assert two["id"] == one["id"] == [f"r{i}" for i in range(40)]
     assert two["conversations"] == one["conversations"]
     assert raw_images(two) == raw_images(one)
@@ -68,10 +68,10 @@ def test_parallel_raise_names_the_first_bad_record_in_file_order(llava_dir, monk
     recs[12]["conversations"][1]["value"] = " "
     path = llava_dir / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    with pytest.raises(D.DataError) as info:
-        D.import_llava_json(path, llava_dir, num_proc=2)
+    with pytest.raises(data.DataError) as info:
+        data.import_llava_json(path, llava_dir, num_proc=2)
     assert "record 12 (line 13)" in str(info.value) and info.value.reason == "empty_answer"
-    ds, report = D.import_llava_json(path, llava_dir, num_proc=2, on_error="skip")
+    ds, report = data.import_llava_json(path, llava_dir, num_proc=2, on_error="skip")
     assert len(ds) == 28 and report.skipped == {"empty_answer": 1, "missing_image": 1}
     assert "r12" not in ds["id"] and "r23" not in ds["id"]
 
@@ -81,14 +81,14 @@ def test_json_list_is_streamed_and_errors_name_the_line(llava_dir, monkeypatch):
     recs = records(25)
     path = llava_dir / "data.json"
     path.write_text(json.dumps(recs, indent=2))
-    ds, _ = D.import_llava_json(path, llava_dir)
+    ds, _ = data.import_llava_json(path, llava_dir)
     assert ds["id"] == [r["id"] for r in recs]
     text = path.read_text().splitlines()
     bad_line = next(k for k, line in enumerate(text) if '"r20"' in line)
     text[bad_line] = text[bad_line].replace('"r20",', '"r20" oops,')
     path.write_text("\n".join(text))
-    with pytest.raises(D.DataError, match=rf"malformed JSON at line {bad_line + 1} column"):
-        D.import_llava_json(path, llava_dir)
+    with pytest.raises(data.DataError, match=rf"malformed JSON at line {bad_line + 1} column"):
+        data.import_llava_json(path, llava_dir)
 
 
 @pytest.mark.parametrize("name", ["../outside.jpg", "/etc/hostname", "img/../../outside.jpg"])
@@ -97,8 +97,8 @@ def test_image_path_may_not_leave_the_image_folder(llava_dir, name):
     rec = records(2)[1] | {"image": name}
     path = llava_dir / "data.json"
     path.write_text(json.dumps([rec]))
-    with pytest.raises(D.DataError, match="leaves the image folder") as info:
-        D.import_llava_json(path, llava_dir)
+    with pytest.raises(data.DataError, match="leaves the image folder") as info:
+        data.import_llava_json(path, llava_dir)
     assert info.value.reason == "image_outside_dir"
 
 
@@ -108,13 +108,13 @@ def test_exif_orientation_is_applied_when_read():
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif)
-    assert D.to_rgb(Image.open(buf)).size == (20, 40)
+    assert data.to_rgb(Image.open(buf)).size == (20, 40)
 
 
 def imported_micro(llava_dir, n=12) -> datasets.Dataset:
     path = llava_dir / "data.json"
     path.write_text(json.dumps(records(n)))
-    return D.import_llava_json(path, llava_dir)[0]
+    return data.import_llava_json(path, llava_dir)[0]
 
 
 def test_lazy_samples_equal_eager_samples(micro, llava_dir):
@@ -143,12 +143,12 @@ def test_a_bad_image_in_a_worker_is_one_line_naming_the_record(micro):
         {"id": ["ok", "broken"], "qtype": ["x", "x"], "image": [{"bytes": jpeg((9, 9, 9)), "path": None},
                                                                {"bytes": jpeg((9, 9, 9))[:-200], "path": None}],
          "conversations": [[{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]] * 2},
-        features=D.VISUAL_FEATURES,
+        features=data.VISUAL_FEATURES,
     )
     samples = encoding.ConversationDataset(ds, processor, max_length=64, on_overflow="truncate", source="data/x")
     loader = torch.utils.data.DataLoader(samples, batch_size=1, num_workers=1,
                                          collate_fn=encoding.VisualCollator(processor.tokenizer.pad_token_id))
-    with pytest.raises(D.DataError) as info:
+    with pytest.raises(data.DataError) as info:
         list(loader)
     message = str(info.value)
     assert "\n" not in message and "data/x" in message and "record 1" in message and "'image'" in message
@@ -175,14 +175,14 @@ def test_calibration_sample_is_seeded_and_skips_text_only(llava_dir):
     assert len(sample) == 10 and all(r["image"] is not None for r in sample)
     assert [r["id"] for r in calibration_sample(ds, 10, seed=0)] == [r["id"] for r in sample]
     text_only = ds.select([i for i, im in enumerate(raw_images(ds)) if im is None])
-    with pytest.raises(D.DataError, match="no record has an image"):
+    with pytest.raises(data.DataError, match="no record has an image"):
         calibration_sample(text_only, 4, seed=0)
 
 
 def test_manifest_content_hash_names_the_data(tmp_path):
-    cfg = D.DataConfig(image_size=32, num_captions=8, num_instruct=10, num_vqa_test=5)
-    D.prepare_all(cfg, tmp_path / "a")
-    D.prepare_all(cfg, tmp_path / "b")
-    assert D.content_hash(tmp_path / "a") == D.content_hash(tmp_path / "b")
-    D.prepare_all(D.DataConfig(image_size=32, num_captions=9, num_instruct=10, num_vqa_test=5), tmp_path / "c")
-    assert D.content_hash(tmp_path / "c") != D.content_hash(tmp_path / "a")
+    cfg = data.DataConfig(image_size=32, num_captions=8, num_instruct=10, num_vqa_test=5)
+    data.prepare_all(cfg, tmp_path / "a")
+    data.prepare_all(cfg, tmp_path / "b")
+    assert data.content_hash(tmp_path / "a") == data.content_hash(tmp_path / "b")
+    data.prepare_all(data.DataConfig(image_size=32, num_captions=9, num_instruct=10, num_vqa_test=5), tmp_path / "c")
+    assert data.content_hash(tmp_path / "c") != data.content_hash(tmp_path / "a")

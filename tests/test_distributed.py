@@ -30,10 +30,10 @@ import pytest
 import torch
 import yaml
 
-import distributed_worker as W
-from pipeline import distributed as D
-from pipeline import model as M
-from pipeline import tuning as TU
+import distributed_worker
+from pipeline import distributed
+import pipeline.model
+from pipeline import tuning
 
 REPO = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
@@ -82,21 +82,21 @@ def one_process(micro4_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     refs = {}
     for name in ("uniform", "lora", "stopped"):
-        merged, result = W.train_case(name, micro4_dir, out / name, processes=1)
-        assert result.steps == W.STEPS
+        merged, result = distributed_worker.train_case(name, micro4_dir, out / name, processes=1)
+        assert result.steps == distributed_worker.STEPS
         refs[name] = {k: v.detach().clone() for k, v in merged.state_dict().items()}
     return refs
 
 
 @pytest.fixture(scope="module")
 def initial(micro4_dir):
-    model, _ = M.load_vlm(micro4_dir)
+    model, _ = pipeline.model.load_vlm(micro4_dir)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def trainable_bytes(micro4_dir, spec) -> int:
-    model, _ = M.load_vlm(micro4_dir)
-    model = TU.apply_trainability(model, spec)
+    model, _ = pipeline.model.load_vlm(micro4_dir)
+    model = tuning.apply_trainability(model, spec)
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
@@ -104,7 +104,7 @@ def trainable_bytes(micro4_dir, spec) -> int:
     "case", ["uniform", "lora", "stopped", "resume", "fsdp_uniform", "fsdp_lora", "fsdp_stopped", "fsdp_resume"])
 def test_two_processes_train_the_same_weights_as_one(two_processes, one_process, initial, case):
     out, _, _ = two_processes
-    ref = one_process[W.REFERENCE.get(case, case)]
+    ref = one_process[distributed_worker.REFERENCE.get(case, case)]
     got = torch.load(out / f"{case}.pt")
     assert got.keys() == ref.keys() == initial.keys()  # LoRA merged away: a plain LLaVA state dict
     diff = {k: (got[k] - ref[k]).abs().max().item() for k in ref}
@@ -114,7 +114,7 @@ def test_two_processes_train_the_same_weights_as_one(two_processes, one_process,
     for k, m in moved.items():
         if m == 0.0:  # frozen in the reference: bit-identical after distributed training too
             assert torch.equal(got[k], initial[k]), k
-    spec = W.CASES[W.REFERENCE.get(case, case)][0]
+    spec = distributed_worker.CASES[distributed_worker.REFERENCE.get(case, case)][0]
     for k in ref:
         parts = k.split(".")
         if "language_model" in parts and "layers" in parts and int(parts[parts.index("layers") + 1]) not in spec.layers:
@@ -132,8 +132,8 @@ def test_ddp_reduces_only_trainable_parameters(two_processes, micro4_dir, case):
         info = rank_report[case]
         assert info["wrapper"] == "DistributedDataParallel" and not info["fsdp"]
         assert info["ddp_find_unused_parameters"] is False
-        assert info["ddp_param_bytes"] == trainable_bytes(micro4_dir, W.CASES[case][0])
-        assert info["steps"] == W.STEPS and info["returned_model"]
+        assert info["ddp_param_bytes"] == trainable_bytes(micro4_dir, distributed_worker.CASES[case][0])
+        assert info["steps"] == distributed_worker.STEPS and info["returned_model"]
 
 
 def test_fsdp_cases_were_sharded_and_only_rank0_gets_the_model(two_processes):
@@ -152,24 +152,24 @@ def test_two_processes_resume_after_an_interruption(two_processes, case):
     _, reports, _ = two_processes
     for r in reports:
         assert r[case]["checkpoints_after_interruption"] == ["checkpoint-2"]
-        assert r[case]["steps"] == W.STEPS
-        assert r[case]["steps_run_after_resume"] == W.STEPS - 2
+        assert r[case]["steps"] == distributed_worker.STEPS
+        assert r[case]["steps_run_after_resume"] == distributed_worker.STEPS - 2
 
 
 @pytest.mark.parametrize("case", ["lora"])  # DDP covers `uniform` (test_two_processes_resume_after_an_interruption)
 def test_one_process_resume_is_exact(micro4_dir, one_process, tmp_path, monkeypatch, case):
     """Without a launcher too: the resumed run ends bit-identical to the uninterrupted one. (The Trainer's own
     checkpoint format did not reload LLaVA's weights, nor a LoRA run's projector: see training._trainer_class.)"""
-    from pipeline import training as T
+    import pipeline.training
 
     crash_at, made = {}, []
-    monkeypatch.setattr(T, "_trainer_class", W.recording_factory(T._trainer_class, crash_at, made))
-    merged, info = W.interrupted_then_resumed(case, micro4_dir, tmp_path / "ckpt", processes=1, crash_at=crash_at,
+    monkeypatch.setattr(pipeline.training, "_trainer_class", distributed_worker.recording_factory(pipeline.training._trainer_class, crash_at, made))
+    merged, info = distributed_worker.interrupted_then_resumed(case, micro4_dir, tmp_path / "ckpt", processes=1, crash_at=crash_at,
                                               made=made)
-    assert info == {"checkpoints_after_interruption": ["checkpoint-2"], "steps": W.STEPS,
-                    "steps_run_after_resume": W.STEPS - 2}
+    assert info == {"checkpoints_after_interruption": ["checkpoint-2"], "steps": distributed_worker.STEPS,
+                    "steps_run_after_resume": distributed_worker.STEPS - 2}
     files = sorted(p.name for p in (tmp_path / "ckpt" / "checkpoint-4").iterdir())
-    assert T.TRAINABLE_WEIGHTS in files and "model.safetensors" not in files
+    assert pipeline.training.TRAINABLE_WEIGHTS in files and "model.safetensors" not in files
     ref = one_process[case]
     got = merged.state_dict()
     assert all(torch.equal(got[k], ref[k]) for k in ref)
@@ -181,53 +181,53 @@ def test_rank_helpers_read_the_launcher_environment(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
                 "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert (D.rank(), D.world_size(), D.is_main(), D.is_distributed()) == (0, 1, True, False)
-    D.barrier(), D.shutdown()  # no process group: no-ops
-    assert D.broadcast_from_main("x") == "x"
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main(), distributed.is_distributed()) == (0, 1, True, False)
+    distributed.barrier(), distributed.shutdown()  # no process group: no-ops
+    assert distributed.broadcast_from_main("x") == "x"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert (D.rank(), D.world_size(), D.is_main(), D.is_distributed()) == (1, 2, False, True)
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main(), distributed.is_distributed()) == (1, 2, False, True)
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
-    assert D.rank() == 3 and not D.is_main()
+    assert distributed.rank() == 3 and not distributed.is_main()
 
 
 def test_launcher_command(monkeypatch):
     for var in ("VR_LAUNCHER", "VR_LAUNCHED", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert D.launcher_command("stages.tune", ["--run", "x"]) is None  # no launcher: run in this process
+    assert distributed.launcher_command("stages.tune", ["--run", "x"]) is None  # no launcher: run in this process
     monkeypatch.setenv("VR_LAUNCHER", "torchrun --standalone --nproc_per_node 8")
-    assert D.launcher_command("stages.tune", ["--run", "x"]) == [
+    assert distributed.launcher_command("stages.tune", ["--run", "x"]) == [
         "torchrun", "--standalone", "--nproc_per_node", "8", "-m", "stages.tune", "--", "--run", "x"]
     monkeypatch.setenv("LOCAL_RANK", "0")  # already one of the launched processes: never again
-    assert D.launcher_command("stages.tune", []) is None
+    assert distributed.launcher_command("stages.tune", []) is None
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setenv("VR_LAUNCHED", "1")  # a 1-process `accelerate launch` sets no rank variables
-    assert D.launcher_command("stages.tune", []) is None
+    assert distributed.launcher_command("stages.tune", []) is None
 
 
 def test_trainer_kwargs_single_process_is_empty(micro4_dir, monkeypatch):
     from pipeline.config import DistributedParams
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    model, _ = M.load_vlm(micro4_dir)
-    assert D.trainer_kwargs(DistributedParams(strategy="fsdp"), model) == {}  # one process: as before
+    model, _ = pipeline.model.load_vlm(micro4_dir)
+    assert distributed.trainer_kwargs(DistributedParams(strategy="fsdp"), model) == {}  # one process: as before
 
 
 def test_trainer_kwargs_per_strategy(micro4_dir, monkeypatch):
     from pipeline.config import DistributedParams
 
     monkeypatch.setenv("WORLD_SIZE", "8")
-    model, _ = M.load_vlm(micro4_dir)
-    assert D.trainer_kwargs(DistributedParams(), model) == {"ddp_timeout": 1800, "ddp_find_unused_parameters": False}
-    fsdp = D.trainer_kwargs(DistributedParams(strategy="fsdp"), model)
+    model, _ = pipeline.model.load_vlm(micro4_dir)
+    assert distributed.trainer_kwargs(DistributedParams(), model) == {"ddp_timeout": 1800, "ddp_find_unused_parameters": False}
+    fsdp = distributed.trainer_kwargs(DistributedParams(strategy="fsdp"), model)
     assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2
     wrap = fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"]
-    assert wrap[0] == type(M.decoder_layers(model)[0]).__name__ == "LlamaDecoderLayer"
+    assert wrap[0] == type(pipeline.model.decoder_layers(model)[0]).__name__ == "LlamaDecoderLayer"
     assert "CLIPEncoderLayer" in wrap
-    assert D.trainer_kwargs(DistributedParams(strategy="fsdp", fsdp_wrap=["X"]), model)["fsdp_config"][
+    assert distributed.trainer_kwargs(DistributedParams(strategy="fsdp", fsdp_wrap=["X"]), model)["fsdp_config"][
         "transformer_layer_cls_to_wrap"] == ["X"]
-    ds = D.trainer_kwargs(DistributedParams(strategy="deepspeed", deepspeed_config="configs/deepspeed/zero3.json"), model)
+    ds = distributed.trainer_kwargs(DistributedParams(strategy="deepspeed", deepspeed_config="configs/deepspeed/zero3.json"), model)
     assert ds["deepspeed"] == "configs/deepspeed/zero3.json"
 
 
@@ -259,7 +259,7 @@ def stage_workspace(micro4_dir, tmp_path_factory):
     params["tune"]["train"] = {"max_steps": 2, "batch_size": 2, "global_batch_size": 4, "max_length": 64,
                                "save_steps": 1, "logging_steps": 1}
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    datasets.DatasetDict({"instruct_train": W.dataset()}).save_to_disk(str(ws / "data" / "prepared" / "visual"))
+    datasets.DatasetDict({"instruct_train": distributed_worker.dataset()}).save_to_disk(str(ws / "data" / "prepared" / "visual"))
     (ws / "data" / "prepared" / "manifest.json").write_text('{"content_hash": "hand-made"}')  # what prepare writes
     shutil.copytree(micro4_dir, ws / "models" / "projector")
     return ws

@@ -83,7 +83,7 @@ def test_stages_are_flow_runs_and_known_errors_still_exit_2(tmp_path, prefect_se
 
 # ---------------------------------------------------------------------------------------------------- pipeline flow
 def test_workspace_lock_admits_one_run(tmp_path):
-    from flows.pipeline import WorkspaceBusy, workspace_lock
+    from flows.workspace import WorkspaceBusy, workspace_lock
 
     with workspace_lock(tmp_path):
         with pytest.raises(WorkspaceBusy, match=rf"workspace {tmp_path} is busy: another pipeline run holds .*pid {os.getpid()}"):
@@ -96,12 +96,14 @@ def test_workspace_lock_admits_one_run(tmp_path):
 def test_only_transient_failures_are_retried():
     from prefect.states import Failed
 
-    from flows.pipeline import PipelineError, TransientError, _retry_if_transient, check_endpoints, dvc_pull, dvc_push
+    from flows.sweep import exchange
+    from flows.sweep.child import clone
+    from flows.workspace import PipelineError, TransientError, check_endpoints, dvc_pull, dvc_push, retry_if_transient
 
-    assert _retry_if_transient(None, None, Failed(data=TransientError("S3 endpoint http://x is unreachable")))
-    assert not _retry_if_transient(None, None, Failed(data=PipelineError("bucket 'b' does not exist")))
-    for t in (check_endpoints, dvc_pull, dvc_push):
-        assert t.retries == 2 and t.retry_condition_fn is _retry_if_transient
+    assert retry_if_transient(None, None, Failed(data=TransientError("S3 endpoint http://x is unreachable")))
+    assert not retry_if_transient(None, None, Failed(data=PipelineError("bucket 'b' does not exist")))
+    for t in (check_endpoints, dvc_pull, dvc_push, exchange.send_files, exchange.receive_files, clone):
+        assert t.retries == 2 and t.retry_condition_fn is retry_if_transient, t.name
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,7 @@ def test_pipeline_flow_exp_run_with_overrides_push_and_summary(toy_env, s3_serve
 
 
 def test_pipeline_flow_refuses_a_busy_workspace_and_a_missing_bucket(toy_env):
-    from flows.pipeline import workspace_lock
+    from flows.workspace import workspace_lock
 
     tmp, env = toy_env
     ws = make_toy_workspace(tmp / "ws-faults", env, "s3://vr-no-such-bucket/dvc")
@@ -194,7 +196,7 @@ def test_deploy_all_registers_the_deployments_on_the_gpu_pool(deployed):
     deps = {d["name"]: d for d in prefect_api(api, "deployments/filter", {})}
     assert {"nightly", "experiment", "micro-smoke"} <= set(deps)
     nightly = deps["nightly"]
-    assert nightly["work_pool_name"] == "gpu" and nightly["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert nightly["work_pool_name"] == "gpu" and nightly["entrypoint"] == "flows.pipeline:pipeline"
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert nightly["parameters"]["params_file"] == "params.yaml"

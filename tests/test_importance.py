@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import importance as I
-from pipeline import model as M
+from pipeline import importance
+import pipeline.model
 
 PROMPTS = [
     "USER: <image>\nWhat colour is the circle? ASSISTANT:",
@@ -17,7 +17,7 @@ PROMPTS = [
 
 @pytest.fixture
 def micro4(micro4_dir):
-    return M.load_vlm(micro4_dir)
+    return pipeline.model.load_vlm(micro4_dir)
 
 
 COLOURS = [(255, 0, 0), (0, 0, 255)]
@@ -31,42 +31,42 @@ def image_batch(processor, prompts=PROMPTS, colours=COLOURS):
 # ---------------------------------------------------------------------------------------------------- token math
 def test_token_math_hand_computed():
     e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    assert I.block_influence(e1, e2) == pytest.approx(1.0)
-    assert I.angular_distance(e1, e2) == pytest.approx(0.5)
-    assert I.block_influence(e1, e1) == pytest.approx(0.0, abs=1e-12)
-    assert I.angular_distance(e1, 3 * e1) == pytest.approx(0.0, abs=1e-7)
-    assert I.block_influence(e1, -e1) == pytest.approx(2.0)
-    assert I.angular_distance(e1, -e1) == pytest.approx(1.0)
+    assert importance.block_influence(e1, e2) == pytest.approx(1.0)
+    assert importance.angular_distance(e1, e2) == pytest.approx(0.5)
+    assert importance.block_influence(e1, e1) == pytest.approx(0.0, abs=1e-12)
+    assert importance.angular_distance(e1, 3 * e1) == pytest.approx(0.0, abs=1e-7)
+    assert importance.block_influence(e1, -e1) == pytest.approx(2.0)
+    assert importance.angular_distance(e1, -e1) == pytest.approx(1.0)
     # 45 degrees: cos = 1/sqrt(2), angle = 1/4 of pi
-    assert I.angular_distance(e1, torch.tensor([[1.0, 1.0]])) == pytest.approx(0.25)
+    assert importance.angular_distance(e1, torch.tensor([[1.0, 1.0]])) == pytest.approx(0.25)
 
 
 def test_token_math_means_over_masked_tokens():
     h_in = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])  # [B=1, T=3, H=2]
     h_out = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])  # cos 1, 0, -1
-    assert I.block_influence(h_in, h_out) == pytest.approx(1.0)  # 1 - mean(1, 0, -1)
-    assert I.angular_distance(h_in, h_out) == pytest.approx(0.5)  # mean(0, .5, 1)
+    assert importance.block_influence(h_in, h_out) == pytest.approx(1.0)  # 1 - mean(1, 0, -1)
+    assert importance.angular_distance(h_in, h_out) == pytest.approx(0.5)  # mean(0, .5, 1)
     mask = torch.tensor([[True, True, False]])
-    assert I.block_influence(h_in, h_out, mask) == pytest.approx(0.5)
-    assert I.angular_distance(h_in, h_out, mask) == pytest.approx(0.25)
+    assert importance.block_influence(h_in, h_out, mask) == pytest.approx(0.5)
+    assert importance.angular_distance(h_in, h_out, mask) == pytest.approx(0.25)
 
 
 def test_nan_safety():
     zero = torch.zeros(1, 2)
     e1 = torch.tensor([[1.0, 0.0]])
-    assert I.token_cosine(zero, e1).item() == 0.0
-    assert I.token_cosine(zero, zero).item() == 0.0
-    assert I.block_influence(zero, zero) == pytest.approx(1.0)
+    assert importance.token_cosine(zero, e1).item() == 0.0
+    assert importance.token_cosine(zero, zero).item() == 0.0
+    assert importance.block_influence(zero, zero) == pytest.approx(1.0)
     # cosine rounding beyond 1 is clamped, never NaN
     v = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float32)
-    assert not math.isnan(I.angular_distance(v, v * 1.0000001))
+    assert not math.isnan(importance.angular_distance(v, v * 1.0000001))
     none = torch.zeros(1, dtype=torch.bool)
-    assert math.isnan(I.block_influence(e1, e1, none))
-    assert math.isnan(I.angular_distance(e1, e1, none))
-    assert I.multimodal_bi(0.2, 0.4) == pytest.approx(0.3)
-    assert I.multimodal_bi(math.nan, 0.4) == 0.4
-    assert I.multimodal_bi(0.2, math.nan) == 0.2
-    assert math.isnan(I.multimodal_bi(math.nan, math.nan))
+    assert math.isnan(importance.block_influence(e1, e1, none))
+    assert math.isnan(importance.angular_distance(e1, e1, none))
+    assert importance.multimodal_bi(0.2, 0.4) == pytest.approx(0.3)
+    assert importance.multimodal_bi(math.nan, 0.4) == 0.4
+    assert importance.multimodal_bi(0.2, math.nan) == 0.2
+    assert math.isnan(importance.multimodal_bi(math.nan, math.nan))
 
 
 # ---------------------------------------------------------------------------------------------------- on the model
@@ -75,11 +75,11 @@ def manual_decoder_forward(model, batch):
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True, use_cache=False)
         h = out.hidden_states[0]
-        lm = M.language_model(model)
+        lm = pipeline.model.language_model(model)
         pos = torch.arange(h.shape[1]).unsqueeze(0)
         pe = lm.rotary_emb(h, position_ids=pos)
         states = [h]
-        for layer in M.decoder_layers(model):
+        for layer in pipeline.model.decoder_layers(model):
             h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
             h = h[0] if isinstance(h, tuple) else h
             states.append(h)
@@ -89,7 +89,7 @@ def manual_decoder_forward(model, batch):
 def test_hooks_capture_true_last_layer_output(micro4):
     model, processor = micro4
     model.eval()
-    norm = M.language_model(model).norm
+    norm = pipeline.model.language_model(model).norm
     with torch.no_grad():  # a trained final norm is not a pure rescale (unit weights would preserve every cosine)
         norm.weight.copy_(torch.linspace(0.1, 3.0, norm.weight.numel()))
     batch = image_batch(processor, PROMPTS[:1])  # one sequence: no padding, plain causal mask
@@ -99,16 +99,16 @@ def test_hooks_capture_true_last_layer_output(micro4):
         torch.testing.assert_close(states[i], hf_hidden[i], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(norm(states[L]), hf_hidden[L], atol=1e-5, rtol=1e-5)  # HF's last one is post-norm
 
-    scores = I.hidden_state_scores(model, [batch], attention=False)
+    scores = importance.hidden_state_scores(model, [batch], attention=False)
     ids = batch["input_ids"]
-    image = ids == M.image_token_id(model)
+    image = ids == pipeline.model.image_token_id(model)
     for i in range(L):
-        assert scores.bi[i] == pytest.approx(I.block_influence(states[i], states[i + 1]), abs=1e-6)
-        assert scores.angular[i] == pytest.approx(I.angular_distance(states[i], states[i + 1]), abs=1e-6)
-        assert scores.bi_image[i] == pytest.approx(I.block_influence(states[i], states[i + 1], image), abs=1e-6)
-        assert scores.bi_text[i] == pytest.approx(I.block_influence(states[i], states[i + 1], ~image), abs=1e-6)
+        assert scores.bi[i] == pytest.approx(importance.block_influence(states[i], states[i + 1]), abs=1e-6)
+        assert scores.angular[i] == pytest.approx(importance.angular_distance(states[i], states[i + 1]), abs=1e-6)
+        assert scores.bi_image[i] == pytest.approx(importance.block_influence(states[i], states[i + 1], image), abs=1e-6)
+        assert scores.bi_text[i] == pytest.approx(importance.block_influence(states[i], states[i + 1], ~image), abs=1e-6)
         assert scores.mm_bi[i] == pytest.approx((scores.bi_image[i] + scores.bi_text[i]) / 2)
-    post_norm_bi = I.block_influence(states[L - 1], hf_hidden[L])
+    post_norm_bi = importance.block_influence(states[L - 1], hf_hidden[L])
     assert abs(scores.bi[-1] - post_norm_bi) > 1e-3  # the post-norm state would have given a different score
     assert scores.tokens == {"all": ids.numel(), "image": int(image.sum()), "text": int((~image).sum())}
     assert scores.image_attention is None
@@ -118,14 +118,14 @@ def test_padded_batches_pool_valid_tokens(micro4):
     model, processor = micro4
     batch = image_batch(processor)
     assert (batch["attention_mask"] == 0).any(), "the prompts should pad"
-    twice = I.hidden_state_scores(model, [batch, batch], attention=False)
+    twice = importance.hidden_state_scores(model, [batch, batch], attention=False)
     assert twice.tokens["all"] == 2 * int(batch["attention_mask"].sum())
     # padding is ignored: the padded batch scores like its two sequences run alone, pooled token by token
     alone = [image_batch(processor, [p], [c]) for p, c in zip(PROMPTS, COLOURS)]
-    pooled = I.hidden_state_scores(model, alone, attention=False)
-    padded = I.hidden_state_scores(model, [batch], attention=False)
+    pooled = importance.hidden_state_scores(model, alone, attention=False)
+    padded = importance.hidden_state_scores(model, [batch], attention=False)
     assert pooled.tokens == padded.tokens
-    for metric in I.HIDDEN_METRICS:
+    for metric in importance.HIDDEN_METRICS:
         assert getattr(padded, metric) == pytest.approx(getattr(pooled, metric), abs=1e-5)
         assert getattr(twice, metric) == pytest.approx(getattr(padded, metric), abs=1e-9)
 
@@ -133,8 +133,8 @@ def test_padded_batches_pool_valid_tokens(micro4):
 def test_text_only_batch_gives_nan_image_metrics(micro4):
     model, processor = micro4
     batch = dict(processor.tokenizer(["USER: hello there ASSISTANT: hi"], return_tensors="pt"))
-    scores = I.layer_importance(model, [batch])
-    n = len(M.decoder_layers(model))
+    scores = importance.layer_importance(model, [batch])
+    n = len(pipeline.model.decoder_layers(model))
     assert all(math.isnan(v) for v in scores.bi_image)
     assert all(math.isnan(v) for v in scores.image_attention)
     assert scores.mm_bi == scores.bi_text
@@ -150,12 +150,12 @@ def test_image_attention_share_hand_made():
     att[0, :, 3] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # query 3: 0.5 on image keys
     att[0, :, 4] = torch.tensor([0.5, 0.0, 0.1, 0.2, 0.2])  # query 4: 0.1 on image keys
     att[0, :, :3] = 1.0  # queries 0..2 (BOS / image) must be ignored
-    sums, pairs = I.image_attention_share([att, att * 0], ids, None, img)
+    sums, pairs = importance.image_attention_share([att, att * 0], ids, None, img)
     assert pairs == 4  # 2 text queries x 2 heads
     assert sums[0] / pairs == pytest.approx(0.3)
     assert sums[1] == 0.0
     # a padded query is ignored
-    sums, pairs = I.image_attention_share([att], ids, torch.tensor([[1, 1, 1, 1, 0]]), img)
+    sums, pairs = importance.image_attention_share([att], ids, torch.tensor([[1, 1, 1, 1, 0]]), img)
     assert pairs == 2 and sums[0] / pairs == pytest.approx(0.5)
 
 
@@ -163,13 +163,13 @@ def test_image_attention_on_micro(micro4):
     model, processor = micro4
     batch = image_batch(processor)
     impl = model.config.text_config._attn_implementation
-    scores = I.layer_importance(model, [batch])
+    scores = importance.layer_importance(model, [batch])
     assert model.config.text_config._attn_implementation == impl  # restored
     assert all(0.0 <= v <= 1.0 for v in scores.image_attention)
 
     # recompute by hand with eager attention: rows are distributions, the share matches
-    image_id = M.image_token_id(model)
-    with I.eager_attention(model), torch.no_grad():
+    image_id = pipeline.model.image_token_id(model)
+    with importance.eager_attention(model), torch.no_grad():
         atts = model(**batch, output_attentions=True).attentions
     ids, valid = batch["input_ids"], batch["attention_mask"].bool()
     image = ids == image_id
@@ -190,13 +190,13 @@ def test_image_attention_on_micro(micro4):
 # ---------------------------------------------------------------------------------------------------- param deltas
 def test_param_metrics_hand_made():
     w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    assert I.weight_change_ratio(w, 2 * w) == pytest.approx(1.0)
-    assert I.weight_angular_distance(w, 2 * w) == pytest.approx(0.0, abs=1e-7)
-    assert I.weight_angular_distance(w, w) == 0.0
+    assert importance.weight_change_ratio(w, 2 * w) == pytest.approx(1.0)
+    assert importance.weight_angular_distance(w, 2 * w) == pytest.approx(0.0, abs=1e-7)
+    assert importance.weight_angular_distance(w, w) == 0.0
     orth = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-    assert I.weight_angular_distance(*orth) == pytest.approx(0.5)
-    assert I.weight_angular_distance(w, -w) == pytest.approx(1.0)
-    assert not math.isnan(I.weight_change_ratio(torch.zeros(2, 2), w))
+    assert importance.weight_angular_distance(*orth) == pytest.approx(0.5)
+    assert importance.weight_angular_distance(w, -w) == pytest.approx(1.0)
+    assert not math.isnan(importance.weight_change_ratio(torch.zeros(2, 2), w))
 
     prefix = "model.language_model.layers"
     base = {
@@ -211,36 +211,36 @@ def test_param_metrics_hand_made():
     tuned[f"{prefix}.0.input_layernorm.weight"] = 5 * torch.ones(2)
     tuned[f"{prefix}.1.self_attn.q_proj.weight"] = orth[1]
     tuned["model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"] = -w
-    change, angular = I.param_delta_scores(base, tuned)
+    change, angular = importance.param_delta_scores(base, tuned)
     assert change == pytest.approx([1.0 + 2.0, math.sqrt(2.0)])
     assert angular == pytest.approx([0.0, 0.5], abs=1e-7)
 
     with pytest.raises(ValueError, match="layers"):
-        I.param_delta_scores(base, {k: v for k, v in tuned.items() if ".1." not in k})
+        importance.param_delta_scores(base, {k: v for k, v in tuned.items() if ".1." not in k})
     with pytest.raises(ValueError, match="shape"):
-        I.param_delta_scores(base, {**tuned, f"{prefix}.1.self_attn.q_proj.weight": torch.ones(3, 2)})
+        importance.param_delta_scores(base, {**tuned, f"{prefix}.1.self_attn.q_proj.weight": torch.ones(3, 2)})
 
 
 def test_layer_importance_with_base(micro4, micro4_dir):
     model, processor = micro4
-    base, _ = M.load_vlm(micro4_dir)
+    base, _ = pipeline.model.load_vlm(micro4_dir)
     with torch.no_grad():
-        M.decoder_layers(model)[2].mlp.down_proj.weight.mul_(2.0)
-    scores = I.layer_importance(model, [image_batch(processor)], base=base)
+        pipeline.model.decoder_layers(model)[2].mlp.down_proj.weight.mul_(2.0)
+    scores = importance.layer_importance(model, [image_batch(processor)], base=base)
     assert scores.param_change == pytest.approx([0.0, 0.0, 1.0, 0.0])
     assert scores.param_angular == pytest.approx([0.0, 0.0, 0.0, 0.0], abs=1e-7)
     # module and state-dict forms agree
-    sd_change, _ = I.param_delta_scores(base.state_dict(), model.state_dict())
+    sd_change, _ = importance.param_delta_scores(base.state_dict(), model.state_dict())
     assert sd_change == pytest.approx(scores.param_change)
     d = scores.to_dict()
-    assert set(d) == set(I.METRICS) | {"tokens"}
-    assert I.LayerScores.from_dict(d).bi == pytest.approx(scores.bi)
+    assert set(d) == set(importance.METRICS) | {"tokens"}
+    assert importance.LayerScores.from_dict(d).bi == pytest.approx(scores.bi)
     rows = scores.to_rows()
     assert [r["layer"] for r in rows] == [0, 1, 2, 3]
-    assert set(rows[0]) == {"layer", *I.METRICS}
+    assert set(rows[0]) == {"layer", *importance.METRICS}
 
 
 def test_no_batches_raises(micro):
     model, _ = micro
     with pytest.raises(ValueError, match="no calibration batches"):
-        I.layer_importance(model, [])
+        importance.layer_importance(model, [])

@@ -21,7 +21,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -193,7 +192,7 @@ def test_s3_stopped_mid_push_then_restarted_push_completes_and_a_clone_pulls(s3,
     print(f"dvc push exited {push.returncode} {fail_s:.1f} s after the server stopped:\n{err}")
     assert push.returncode != 0
     # per file that failed, or once if the failure came outside the transfers (`unexpected error`, exit 255)
-    assert f'ERROR: failed to transfer' in err or "ERROR: unexpected error" in err, err[-3000:]
+    assert 'ERROR: failed to transfer' in err or "ERROR: unexpected error" in err, err[-3000:]
     assert f'- Could not connect to the endpoint URL: "{s3.url}/{BUCKET}' in err and "Traceback" not in err
     # nothing local changed: the outputs, byte for byte, and the cache (dvc status checks the outputs against it)
     assert {p: tree_bytes(ws / p) for p in OUTPUTS} == before
@@ -250,7 +249,7 @@ def test_pipeline_flow_push_retry_rides_out_an_s3_restart(s3, tmp_path, prefect_
     assert rc == 0, text[-5000:]
     retry = next(line for line in lines if "Retry 1/2 will start" in line)
     assert "TransientError" in retry and f"`dvc push` failed in {ws}" in retry
-    assert f"Could not connect to the endpoint URL: " in text and s3.url in text
+    assert "Could not connect to the endpoint URL: " in text and s3.url in text
     attempts = 1 + sum(f"Retry {n}/2 will start" in text for n in (1, 2))
     print(f"pushed at attempt {attempts} of 3")
     assert "new:" not in dvc(ws, env, "status", "-c").stdout
@@ -272,10 +271,10 @@ TUNE_OUTPUTS = ("models/tuned/x", "metrics/tune/x.json", "plots/loss/x.csv")
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    from pipeline import data as D
+    import pipeline.data
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    D.prepare_all(D.DataConfig(**TUNE_PARAMS["data"]), out)
+    pipeline.data.prepare_all(pipeline.data.DataConfig(**TUNE_PARAMS["data"]), out)
     return out
 
 

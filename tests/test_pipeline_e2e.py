@@ -23,7 +23,7 @@ def sh(args, cwd, env, check=True):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
-    for name in ("pipeline", "stages", "dvc.yaml", ".dvcignore"):
+    for name in ("pipeline", "stages", "flows", "dvc.yaml", ".dvcignore"):  # every code dep of dvc.yaml
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name)
     shutil.copy(REPO / "params" / "micro.yaml", ws / "params.yaml")

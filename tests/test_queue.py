@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows.queue import selection_overrides
-from pipeline import config as C
+from pipeline import config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,8 +42,8 @@ def apply(raw: dict, overrides: list[str]) -> dict:
 ])
 def test_each_selection_keeps_itself_and_the_baseline(run, runs, importance, curve):
     raw = yaml.safe_load((REPO / "params" / "study.yaml").read_text())
-    params = C.validate(raw)
-    kept = C.validate(apply(raw, selection_overrides(params, run)))
+    params = config.validate(raw)
+    kept = config.validate(apply(raw, selection_overrides(params, run)))
     assert set(kept.tune.runs) == runs and set(kept.tune.importance_runs) == importance
     assert kept.prune.curve.runs == curve
     assert kept.tune.all_runs()[run] == params.tune.all_runs()[run]

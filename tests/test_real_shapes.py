@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from fault_workspace import REPO, Workspace
-import real_shapes as R
+import real_shapes
 
 pytestmark = pytest.mark.slow
 
@@ -115,10 +115,10 @@ def first_error_lines(stderr: str, n: int = 6) -> str:
 def dry_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("real_shapes")
     started = time.perf_counter()
-    tokenizer = R.build_tokenizer()
-    vision = R.build_vision(root / "parts" / "clip-vit-large-patch14-336-2l", layers=2)
-    lm = R.build_language_model(root / "parts" / "llama-2-7b-shaped", tokenizer, **LM_SHAPE)
-    data = R.write_llava_data(root / "llava", n_pretrain=N_PRETRAIN, n_instruct=N_INSTRUCT)
+    tokenizer = real_shapes.build_tokenizer()
+    vision = real_shapes.build_vision(root / "parts" / "clip-vit-large-patch14-336-2l", layers=2)
+    lm = real_shapes.build_language_model(root / "parts" / "llama-2-7b-shaped", tokenizer, **LM_SHAPE)
+    data = real_shapes.write_llava_data(root / "llava", n_pretrain=N_PRETRAIN, n_instruct=N_INSTRUCT)
     built = time.perf_counter() - started
 
     ws_dir = root / "ws"
@@ -239,7 +239,7 @@ def test_processor_gives_576_image_tokens_at_336_px_in_vicuna_format(dry_run):
     messages = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."},
                 {"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Black."}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert rendered == (f"<s>{R.VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT: A cat.</s>"
+    assert rendered == (f"<s>{real_shapes.VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT: A cat.</s>"
                         "USER: What colour? ASSISTANT: Black.</s>")
 
 

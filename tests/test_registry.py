@@ -6,7 +6,6 @@ import io
 import json
 import math
 import subprocess
-import sys
 import time
 
 import pytest
@@ -70,21 +69,21 @@ def png(color: str = "red") -> bytes:
 
 def test_register_promote_and_load_champion_in_a_fresh_process(tracking, micro4_dir, s3_server, mlflow_server, tmp_path):
     from flows.services import s3_client
-    from pipeline import registry as R
+    from pipeline import registry
 
     mlflow = tracking
     name = f"vr-test-{int(time.time() * 1000)}"
     mlflow.set_experiment("vr-registry-test")
 
-    v1 = R.register_checkpoint(micro4_dir, name, tags={"vr_run": "uniform50", "vr_kind": "pruned"})
-    assert R.alias_version(name, R.CHALLENGER) == v1 and R.alias_version(name, R.CHAMPION) is None
-    assert R.promote(name, v1, R.gate(0.97, 1.1, min_visual=0.9, min_text=0.9))
-    assert R.alias_version(name, R.CHAMPION) == v1
+    v1 = registry.register_checkpoint(micro4_dir, name, tags={"vr_run": "uniform50", "vr_kind": "pruned"})
+    assert registry.alias_version(name, registry.CHALLENGER) == v1 and registry.alias_version(name, registry.CHAMPION) is None
+    assert registry.promote(name, v1, registry.gate(0.97, 1.1, min_visual=0.9, min_text=0.9))
+    assert registry.alias_version(name, registry.CHAMPION) == v1
 
     # A worse checkpoint: challenger moves to it, the gate refuses, champion stays where it was.
-    v2 = R.register_checkpoint(micro4_dir, name)
-    assert not R.promote(name, v2, R.gate(0.5, 1.1, min_visual=0.9, min_text=0.9))
-    assert (R.alias_version(name, R.CHALLENGER), R.alias_version(name, R.CHAMPION)) == (v2, v1)
+    v2 = registry.register_checkpoint(micro4_dir, name)
+    assert not registry.promote(name, v2, registry.gate(0.5, 1.1, min_visual=0.9, min_text=0.9))
+    assert (registry.alias_version(name, registry.CHALLENGER), registry.alias_version(name, registry.CHAMPION)) == (v2, v1)
     client = mlflow.MlflowClient()
     assert client.get_model_version(name, v2).tags["gate"].startswith("refused: visual retention 0.500")
     assert client.get_model_version(name, v1).tags["vr_run"] == "uniform50"
@@ -111,28 +110,28 @@ def test_register_promote_and_load_champion_in_a_fresh_process(tracking, micro4_
 
 
 def test_an_unchanged_checkpoint_is_not_registered_again(tracking, micro4_dir):
-    from pipeline import registry as R
+    from pipeline import registry
 
     name = f"vr-fp-{int(time.time() * 1000)}"
     tracking.set_experiment("vr-registry-test")
-    v1 = R.register_checkpoint(micro4_dir, name, fingerprint="aaaa")
-    assert R.register_checkpoint(micro4_dir, name, fingerprint="aaaa") == v1  # the stage re-ran, the weights did not change
-    v2 = R.register_checkpoint(micro4_dir, name, fingerprint="bbbb")
-    assert v2 != v1 and R.alias_version(name, R.CHALLENGER) == v2
+    v1 = registry.register_checkpoint(micro4_dir, name, fingerprint="aaaa")
+    assert registry.register_checkpoint(micro4_dir, name, fingerprint="aaaa") == v1  # the stage re-ran, the weights did not change
+    v2 = registry.register_checkpoint(micro4_dir, name, fingerprint="bbbb")
+    assert v2 != v1 and registry.alias_version(name, registry.CHALLENGER) == v2
 
 
 def test_load_without_champion_is_a_clear_error(tracking):
-    from pipeline import registry as R
+    from pipeline import registry
 
-    with pytest.raises(R.RegistryError, match="no version with alias 'champion'"):
-        R.load("vr-no-such-model")
+    with pytest.raises(registry.RegistryError, match="no version with alias 'champion'"):
+        registry.load("vr-no-such-model")
 
 
 def test_register_refuses_a_directory_without_weights(tracking, tmp_path):
-    from pipeline import registry as R
+    from pipeline import registry
 
-    with pytest.raises(R.RegistryError, match=r"has no \*\.safetensors weights"):
-        R.register_checkpoint(tmp_path, "vr-empty")
+    with pytest.raises(registry.RegistryError, match=r"has no \*\.safetensors weights"):
+        registry.register_checkpoint(tmp_path, "vr-empty")
 
 
 # ---------------------------------------------------------------------------------------------------- faults

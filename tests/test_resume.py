@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import fault_workspace as F
+import fault_workspace
 
 RESUMED = "resuming from the latest checkpoint"
 VOLATILE = {"train_seconds", "peak_memory_bytes", "generation_ms_per_sample", "generation_tokens_per_s"}
@@ -27,7 +27,7 @@ RTOL_METRICS = 1e-6
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    return F.reference(tmp_path_factory)
+    return fault_workspace.reference(tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -41,7 +41,7 @@ def weights(model_dir: Path) -> dict:
     return state
 
 
-def assert_same_model(got: F.Workspace, ref: F.Workspace, rel: str) -> float:
+def assert_same_model(got: fault_workspace.Workspace, ref: fault_workspace.Workspace, rel: str) -> float:
     a, b = weights(got.path / rel), weights(ref.path / rel)
     assert a.keys() == b.keys(), rel
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
@@ -66,7 +66,7 @@ def assert_same_metrics(got, ref, where: str = "") -> None:
         assert got == ref, f"{where}: {got!r} != {ref!r}"
 
 
-def assert_same_files(got: F.Workspace, ref: F.Workspace, *rels: str) -> None:
+def assert_same_files(got: fault_workspace.Workspace, ref: fault_workspace.Workspace, *rels: str) -> None:
     for rel in rels:
         if rel.endswith(".json"):
             assert_same_metrics(got.read_json(rel), ref.read_json(rel), rel)
@@ -74,7 +74,7 @@ def assert_same_files(got: F.Workspace, ref: F.Workspace, *rels: str) -> None:
             assert (got.path / rel).read_text() == (ref.path / rel).read_text(), rel
 
 
-def assert_clean_kill(ws: F.Workspace, killed: dict) -> None:
+def assert_clean_kill(ws: fault_workspace.Workspace, killed: dict) -> None:
     """Every process of the killed group is gone, and DVC's lock file still names the dead `dvc repro` (the stale
     lock that the next `dvc repro` has to cope with)."""
     import psutil
@@ -85,7 +85,7 @@ def assert_clean_kill(ws: F.Workspace, killed: dict) -> None:
     assert rwlock.exists() and f'"pid": {killed["dvc_pid"]}' in rwlock.read_text()
 
 
-def assert_recovered(ws: F.Workspace, proc) -> None:
+def assert_recovered(ws: fault_workspace.Workspace, proc) -> None:
     """The re-run went through the stale lock on its own: DVC drops the entries of dead pids it meets, with a
     warning (entries for paths the re-run does not touch stay in the file, harmlessly)."""
     assert "had been killed. Auto removed it from the lock file" in proc.stderr + proc.stdout
@@ -96,7 +96,7 @@ def test_kill_during_projector_pretraining_resumes_from_its_checkpoint(shared):
     """Kill -9 once pretrain_projector has written checkpoint-4 (of 12 steps): the re-run resumes from it."""
     ws = shared["base"].copy(shared["root"] / "case-projector")
     ckpt = ws.path / "checkpoints" / "pretrain_projector"
-    killed = ws.repro_killed_when("pretrain_projector", F.checkpoint_saved(ws, "pretrain_projector"))
+    killed = ws.repro_killed_when("pretrain_projector", fault_workspace.checkpoint_saved(ws, "pretrain_projector"))
     assert_clean_kill(ws, killed)
     assert (ckpt / "checkpoint-4" / "trainer_state.json").exists() and not (ws.path / "models/projector").exists()
 
@@ -115,7 +115,7 @@ def test_kill_mid_selective_tuning_resumes_and_ends_with_the_same_metrics(shared
     """Kill -9 once tune@uniform50 has written checkpoint-4 (of 12 steps); `dvc repro evaluate@uniform50` resumes the
     tuning there (the projector stage, complete, is not re-run) and ends with the reference's final metrics."""
     ws = shared["projector"].copy(shared["root"] / "case-tune")
-    killed = ws.repro_killed_when("evaluate@uniform50", F.checkpoint_saved(ws, "tune/uniform50"))
+    killed = ws.repro_killed_when("evaluate@uniform50", fault_workspace.checkpoint_saved(ws, "tune/uniform50"))
     assert_clean_kill(ws, killed)
     assert not (ws.path / "models/tuned/uniform50").exists()
 
@@ -147,7 +147,7 @@ def test_kill_during_pruning_reruns_only_the_unfinished_stages(shared):
     """Kill -9 while prune@uniform50 runs: its outputs are absent, the tuned model (a finished stage) is kept; the
     re-run starts at prune (the last checkpoint is the tuned model DVC recorded) and ends with the same metrics."""
     ws = shared["tuned"].copy(shared["root"] / "case-prune")
-    killed = ws.repro_killed_when("evaluate@uniform50", F.stage_running_for("prune", 2.5))
+    killed = ws.repro_killed_when("evaluate@uniform50", fault_workspace.stage_running_for("prune", 2.5))
     assert_clean_kill(ws, killed)
     assert not (ws.path / "models/pruned/uniform50").exists() and not (ws.path / "metrics/prune/uniform50.json").exists()
 
@@ -172,12 +172,12 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_resume(tmp_path, micro_d
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from conftest import MICRO_TEXTS
-    from pipeline import training as T
+    from pipeline import training
     from pipeline.config import TrainParams
 
     lm_dir = micro_dir.parent / "lm"  # the micro Llama the LLaVA was composed from
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-    blocks = T.text_blocks(MICRO_TEXTS * 4, tokenizer, 16)
+    blocks = training.text_blocks(MICRO_TEXTS * 4, tokenizer, 16)
     ckpt = tmp_path / "checkpoints"
 
     def run(max_steps: int):
@@ -185,7 +185,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_resume(tmp_path, micro_d
         lm.requires_grad_(True)
         optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
         params = TrainParams(max_steps=max_steps, batch_size=2, save_steps=2, logging_steps=1)
-        return T.train(lm, blocks, collator=None, optimizer=optimizer, params=params, ckpt_dir=ckpt, seed=0,
+        return training.train(lm, blocks, collator=None, optimizer=optimizer, params=params, ckpt_dir=ckpt, seed=0,
                        fingerprint={"test": "partial-checkpoint"})
 
     run(2)  # "killed" after its checkpoint-2

@@ -58,7 +58,7 @@ def test_fresh_clone_and_pull_restore_every_output_byte_for_byte(toy, tmp_path):
 
 @pytest.mark.parametrize("fault", ["unreachable", "missing bucket", "wrong credentials"])
 def test_s3_faults_are_clear_and_leave_local_state_intact(toy, tmp_path, fault, monkeypatch):
-    from flows.pipeline import PipelineError, TransientError, check_s3_remote
+    from flows.workspace import PipelineError, TransientError, check_s3_remote
     from flows.services import free_port
 
     ws, env, remote, _ = toy

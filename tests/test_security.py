@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-import fault_workspace as F
+import fault_workspace
 
-REPO = F.REPO
+REPO = fault_workspace.REPO
 CODE_DIRS = ("pipeline", "stages", "flows", "bench")
-SECRETS = [F.FAKE_AWS["AWS_ACCESS_KEY_ID"], F.FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
-           F.FAKE_AWS["AWS_SECRET_ACCESS_KEY"].split("/", 1)[1]]  # also a fragment of the secret
+SECRETS = [fault_workspace.FAKE_AWS["AWS_ACCESS_KEY_ID"], fault_workspace.FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+           fault_workspace.FAKE_AWS["AWS_SECRET_ACCESS_KEY"].split("/", 1)[1]]  # also a fragment of the secret
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory) -> F.Workspace:
-    return F.full_run(tmp_path_factory)
+def full(tmp_path_factory) -> fault_workspace.Workspace:
+    return fault_workspace.full_run(tmp_path_factory)
 
 
 def code_files() -> list[Path]:
@@ -41,7 +41,7 @@ def code_files() -> list[Path]:
 def test_fake_aws_keys_in_the_environment_leave_no_trace(full):
     """Every file of every fault-test workspace (outputs, metrics, plots, dvc.lock, the DVC cache, the MLflow store
     and its artifacts) and every captured stdout/stderr of their `dvc` commands."""
-    root = F._SESSION["root"]
+    root = fault_workspace._SESSION["root"]
     assert "Running stage 'register'" in "".join(p.read_text() for p in root.glob("base-logs/*.out"))
     scanned, hits = 0, []
     for path in root.rglob("*"):
@@ -83,9 +83,9 @@ def test_no_credentials_in_the_repository():
     for path in files:
         text = path.read_text(errors="ignore")
         hits += [(str(path.relative_to(REPO)), m.group(0)) for m in key_id.finditer(text)
-                 if m.group(0) != F.FAKE_AWS["AWS_ACCESS_KEY_ID"]]
+                 if m.group(0) != fault_workspace.FAKE_AWS["AWS_ACCESS_KEY_ID"]]
         hits += [(str(path.relative_to(REPO)), m.group(0)) for m in assignment.finditer(text)
-                 if F.FAKE_AWS["AWS_SECRET_ACCESS_KEY"] not in m.group(0)]
+                 if fault_workspace.FAKE_AWS["AWS_SECRET_ACCESS_KEY"] not in m.group(0)]
     assert not hits, hits
     def keys(node, prefix=""):
         if isinstance(node, dict):
@@ -101,12 +101,12 @@ def test_no_credentials_in_the_repository():
 
 # ------------------------------------------------------------------------------------------- trust_remote_code
 def test_trust_remote_code_is_off_unless_params_turn_it_on(full):
-    from pipeline import config as C
+    from pipeline import config
 
-    assert C.validate({"tune": {"runs": {"all": {"strategy": "all"}}}}).model.trust_remote_code is False
+    assert config.validate({"tune": {"runs": {"all": {"strategy": "all"}}}}).model.trust_remote_code is False
     for params_file in [REPO / "params.yaml", *sorted((REPO / "params").glob("*.yaml"))]:
         assert (yaml.safe_load(params_file.read_text()).get("model") or {}).get("trust_remote_code", False) is False
-    logs = "".join(p.read_text() for p in F._SESSION["root"].glob("*-logs/*.err"))
+    logs = "".join(p.read_text() for p in fault_workspace._SESSION["root"].glob("*-logs/*.err"))
     assert "trust_remote_code=True" not in logs  # the whole pipeline ran without it
     # no call in the code hard-wires trust_remote_code=True
     for path in code_files():

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from pipeline import selection as S
+from pipeline import selection
 from pipeline.selection import resolve_budget, select_layers, top_k, bottom_k, validate_indices
 
-SIZED = [s for s in S.STRATEGIES if s not in ("all", "importance")]
+SIZED = [s for s in selection.STRATEGIES if s not in ("all", "importance")]
 
 
 # ------------------------------------------------------------------------------------------------ uniform tables

@@ -8,23 +8,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline import model as M
-from pipeline import tuning as T
+import pipeline.model
+from pipeline import tuning
 
 PROMPT = "USER: <image>\nWhat colour? ASSISTANT: red"
-LORA = T.LoraSpec(r=4, alpha=8, dropout=0.0)
+LORA = tuning.LoraSpec(r=4, alpha=8, dropout=0.0)
 
 
 def load(micro4_dir):
     torch.manual_seed(0)
-    return M.load_vlm(micro4_dir)
+    return pipeline.model.load_vlm(micro4_dir)
 
 
 def batch(processor, n=2):
     images = [Image.new("RGB", (32, 32), (255 * (i % 2), 40 * i, 0)) for i in range(n)]
     out = dict(processor(images=images, text=[PROMPT] * n, return_tensors="pt"))
     labels = out["input_ids"].clone()
-    labels[labels == processor.tokenizer.convert_tokens_to_ids(M.IMAGE_TOKEN)] = -100
+    labels[labels == processor.tokenizer.convert_tokens_to_ids(pipeline.model.IMAGE_TOKEN)] = -100
     out["labels"] = labels
     return out
 
@@ -44,7 +44,7 @@ class LayerProbe:
     def __init__(self, model):
         self.inputs, self.outputs, self.runs = {}, {}, {}
         self.handles = []
-        for i, layer in enumerate(M.decoder_layers(model)):
+        for i, layer in enumerate(pipeline.model.decoder_layers(model)):
             self.handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(self._post(i)))
             self.handles.append(layer.input_layernorm.register_forward_hook(self._count(i)))
@@ -80,7 +80,7 @@ def assert_same_grads(a: dict, b: dict, exact=True):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_frozen_params_compute_no_gradient(micro4_dir, mode):
     model, processor = load(micro4_dir)
-    model = T.apply_trainability(model, T.Trainability(language_model=mode, layers=(1, 3), lora=LORA))
+    model = tuning.apply_trainability(model, tuning.Trainability(language_model=mode, layers=(1, 3), lora=LORA))
     g = grads(model, batch(processor))
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -92,9 +92,9 @@ def test_frozen_params_compute_no_gradient(micro4_dir, mode):
 
 def test_build_optimizer_uses_the_fused_kernel_on_cpu(micro4_dir):
     model, _ = load(micro4_dir)
-    model = T.apply_trainability(model, T.Trainability(layers=(1,)))
-    assert T.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3).defaults["fused"] is True
-    assert not T.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3, fused=False).defaults["fused"]
+    model = tuning.apply_trainability(model, tuning.Trainability(layers=(1,)))
+    assert tuning.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3).defaults["fused"] is True
+    assert not tuning.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3, fused=False).defaults["fused"]
 
 
 # ---------------------------------------------------------------------------------------------------- backward stop
@@ -109,15 +109,15 @@ def test_build_optimizer_uses_the_fused_kernel_on_cpu(micro4_dir):
 )
 def test_backward_stop_places_hooks(micro4_dir, kwargs, layers, lowest):
     model, _ = load(micro4_dir)
-    model = T.apply_trainability(model, T.Trainability(layers=layers, **kwargs))
-    stop = T.install_backward_stop(model)
+    model = tuning.apply_trainability(model, tuning.Trainability(layers=layers, **kwargs))
+    stop = tuning.install_backward_stop(model)
     assert stop.lowest_trainable_layer == layers[0]
     assert stop.detached_layers == lowest
     assert stop.projector_input_detached  # the vision tower is always frozen
     stop.remove()
-    base = M._unwrap(model)
-    assert not any(layer._forward_pre_hooks for layer in M.decoder_layers(base))
-    assert not M.projector(base)._forward_pre_hooks
+    base = pipeline.model._unwrap(model)
+    assert not any(layer._forward_pre_hooks for layer in pipeline.model.decoder_layers(base))
+    assert not pipeline.model.projector(base)._forward_pre_hooks
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -125,11 +125,11 @@ def test_backward_stop_same_gradients_and_no_graph_below_k(micro4_dir, mode):
     """Projector frozen, layers (2, 3) train. Something forces the embedding output to require grad (as
     transformers' gradient checkpointing and peft do): without the stop, every layer below 2 builds a graph and
     backward runs through it; with the stop, none does, and every trainable parameter gets the same gradient."""
-    spec = T.Trainability(projector="frozen", language_model=mode, layers=(2, 3), lora=LORA)
+    spec = tuning.Trainability(projector="frozen", language_model=mode, layers=(2, 3), lora=LORA)
     plain, processor = load(micro4_dir)
-    plain = T.apply_trainability(plain, spec)
+    plain = tuning.apply_trainability(plain, spec)
     stopped, _ = load(micro4_dir)
-    stopped = T.apply_trainability(stopped, spec)
+    stopped = tuning.apply_trainability(stopped, spec)
     if mode == "lora":  # same adapter init in both copies (lora_B is zero at init: give it values)
         with torch.no_grad():
             src = dict(plain.named_parameters())
@@ -140,8 +140,8 @@ def test_backward_stop_same_gradients_and_no_graph_below_k(micro4_dir, mode):
                     if "lora_B" in n:
                         p.copy_(torch.linspace(-0.1, 0.1, p.numel()).reshape(p.shape))
     for m in (plain, stopped):
-        M._unwrap(m).enable_input_require_grads()
-    stop = T.install_backward_stop(stopped)
+        pipeline.model._unwrap(m).enable_input_require_grads()
+    stop = tuning.install_backward_stop(stopped)
     inputs = batch(processor)
 
     probe_plain, probe_stopped = LayerProbe(plain), LayerProbe(stopped)
@@ -160,25 +160,25 @@ def test_backward_stop_same_gradients_and_no_graph_below_k(micro4_dir, mode):
 
 def test_backward_stop_is_a_no_op_without_forced_input_grads(micro4_dir):
     """Plain autograd already builds no graph below the lowest trainable layer; the hooks change nothing then."""
-    spec = T.Trainability(projector="frozen", layers=(2,))
+    spec = tuning.Trainability(projector="frozen", layers=(2,))
     model, processor = load(micro4_dir)
-    model = T.apply_trainability(model, spec)
+    model = tuning.apply_trainability(model, spec)
     probe = LayerProbe(model)
     before = grads(model, batch(processor))
     assert not probe.outputs[0] and not probe.outputs[1] and probe.outputs[2]
-    stop = T.install_backward_stop(model)
+    stop = tuning.install_backward_stop(model)
     assert_same_grads(before, grads(model, batch(processor)))
     stop.remove()
 
 
 def test_backward_stop_hooks_do_nothing_under_no_grad(micro4_dir):
     model, processor = load(micro4_dir)
-    model = T.apply_trainability(model, T.Trainability(projector="frozen", layers=(3,)))
+    model = tuning.apply_trainability(model, tuning.Trainability(projector="frozen", layers=(3,)))
     model.eval()
     inputs = {k: v for k, v in batch(processor).items() if k != "labels"}
     with torch.no_grad():
         ref = model(**inputs).logits
-        stop = T.install_backward_stop(model)
+        stop = tuning.install_backward_stop(model)
         assert torch.equal(ref, model(**inputs).logits)
     stop.remove()
 
@@ -187,26 +187,26 @@ def test_backward_stop_hooks_do_nothing_under_no_grad(micro4_dir):
 @pytest.mark.parametrize(
     "spec",
     [
-        T.Trainability(projector="full", layers=(1, 3)),
-        T.Trainability(projector="full", language_model="lora", layers=(0, 2), lora=LORA),
-        T.Trainability(projector="frozen", layers=(2, 3)),
+        tuning.Trainability(projector="full", layers=(1, 3)),
+        tuning.Trainability(projector="full", language_model="lora", layers=(0, 2), lora=LORA),
+        tuning.Trainability(projector="frozen", layers=(2, 3)),
     ],
     ids=["full+projector", "lora+projector", "full-projector-frozen"],
 )
 def test_gradient_checkpointing_same_gradients(micro4_dir, spec):
     plain, processor = load(micro4_dir)
-    plain = T.apply_trainability(plain, spec)
+    plain = tuning.apply_trainability(plain, spec)
     torch.manual_seed(0)
     ckpt, _ = load(micro4_dir)
-    ckpt = T.apply_trainability(ckpt, spec)
+    ckpt = tuning.apply_trainability(ckpt, spec)
     with torch.no_grad():
         src = dict(plain.named_parameters())
         for n, p in ckpt.named_parameters():
             p.copy_(src[n])
-    stops = [T.install_backward_stop(m) for m in (plain, ckpt)]
-    T.enable_gradient_checkpointing(ckpt)
-    base = M._unwrap(ckpt)
-    assert all(layer.gradient_checkpointing for layer in M.decoder_layers(base))
+    stops = [tuning.install_backward_stop(m) for m in (plain, ckpt)]
+    tuning.enable_gradient_checkpointing(ckpt)
+    base = pipeline.model._unwrap(ckpt)
+    assert all(layer.gradient_checkpointing for layer in pipeline.model.decoder_layers(base))
     assert not getattr(base, "_require_grads_hooks", None)  # no forced input grads (they defeat the backward stop)
 
     inputs = batch(processor)
@@ -217,15 +217,15 @@ def test_gradient_checkpointing_same_gradients(micro4_dir, spec):
     on_path = range(4) if spec.projector == "full" else range(spec.layers[0], 4)
     assert probe_ckpt.runs == {i: 2 if i in on_path else 1 for i in range(4)}
 
-    T.disable_gradient_checkpointing(ckpt)
-    assert not any(layer.gradient_checkpointing for layer in M.decoder_layers(base))
+    tuning.disable_gradient_checkpointing(ckpt)
+    assert not any(layer.gradient_checkpointing for layer in pipeline.model.decoder_layers(base))
     for s in stops:
         s.remove()
 
 
 # ---------------------------------------------------------------------------------------------------- train_visual
 def test_train_visual_with_gradient_checkpointing(micro4_dir, tmp_path):
-    from pipeline import data as D
+    from pipeline import data
     from pipeline.config import TrainParams
     from pipeline.training import train_visual
 
@@ -235,17 +235,17 @@ def test_train_visual_with_gradient_checkpointing(micro4_dir, tmp_path):
          "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
         for i in range(4)
     ]
-    ds = datasets.Dataset.from_list(records, features=D.VISUAL_FEATURES)
+    ds = datasets.Dataset.from_list(records, features=data.VISUAL_FEATURES)
     params = TrainParams(max_steps=2, batch_size=2, max_length=64, gradient_checkpointing=True, logging_steps=1)
     merged, result, report = train_visual(
-        model, processor, ds, trainability=T.Trainability(projector="frozen", layers=(2, 3)), projector_lr=1e-3,
+        model, processor, ds, trainability=tuning.Trainability(projector="frozen", layers=(2, 3)), projector_lr=1e-3,
         lm_lr=1e-3, params=params, ckpt_dir=tmp_path / "ckpt", seed=0, fingerprint={"t": 1},
     )
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
     assert report["optimizer_state_bytes"] > 0
     # hooks and checkpointing are gone from the returned model; nothing left requires grad
-    assert not any(layer._forward_pre_hooks or layer.gradient_checkpointing for layer in M.decoder_layers(merged))
-    assert not M.projector(merged)._forward_pre_hooks
+    assert not any(layer._forward_pre_hooks or layer.gradient_checkpointing for layer in pipeline.model.decoder_layers(merged))
+    assert not pipeline.model.projector(merged)._forward_pre_hooks
     assert not any(p.requires_grad for p in merged.parameters())
     assert isinstance(merged, nn.Module)
 
@@ -254,16 +254,16 @@ def test_transformers_checkpointing_alone_recomputes_frozen_layers_unless_stoppe
     """Why `enable_gradient_checkpointing` and the backward stop exist: transformers' own checkpointing switch also
     forces the embedding output to require grad, so with the projector frozen every frozen layer below the lowest
     trainable one is recomputed and back-propagated; the backward stop cuts that off again."""
-    spec = T.Trainability(projector="frozen", layers=(2, 3))
+    spec = tuning.Trainability(projector="frozen", layers=(2, 3))
     inputs = None
     runs = {}
     for stopped in (False, True):
         model, processor = load(micro4_dir)
-        model = T.apply_trainability(model, spec)
-        M._unwrap(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        assert M._unwrap(model)._require_grads_hooks  # the forced input grad
+        model = tuning.apply_trainability(model, spec)
+        pipeline.model._unwrap(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert pipeline.model._unwrap(model)._require_grads_hooks  # the forced input grad
         if stopped:
-            T.install_backward_stop(model)
+            tuning.install_backward_stop(model)
         inputs = inputs or batch(processor)
         probe = LayerProbe(model)
         grads(model, inputs)
@@ -278,14 +278,14 @@ def test_checkpointing_never_back_propagates_the_frozen_vision_tower(micro4_dir,
     tower's* patch embedding to require grad, so the frozen tower is recomputed and back-propagated every step
     (a CLIP ViT-L per image for LLaVA-1.5). The projector-input detach, or checkpointing enabled our way, stops it."""
     model, processor = load(micro4_dir)
-    model = T.apply_trainability(model, T.Trainability(projector="full", layers=(1, 3)))
+    model = tuning.apply_trainability(model, tuning.Trainability(projector="full", layers=(1, 3)))
     if how == "ours":
-        T.enable_gradient_checkpointing(model)
+        tuning.enable_gradient_checkpointing(model)
     else:
-        M._unwrap(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        pipeline.model._unwrap(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if how == "transformers+stop":
-        T.install_backward_stop(model)
-    vision_layers = [m for m in M.vision_tower(model).modules() if type(m).__name__.endswith("EncoderLayer")]
+        tuning.install_backward_stop(model)
+    vision_layers = [m for m in pipeline.model.vision_tower(model).modules() if type(m).__name__.endswith("EncoderLayer")]
     runs = []
     for i, layer in enumerate(vision_layers):
         layer.layer_norm1.register_forward_hook(lambda *a, i=i: runs.append(i))

@@ -8,18 +8,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline import model as M
-from pipeline import tuning as T
+import pipeline.model
+import pipeline.tuning
 
 PROMPT = "USER: <image>\nWhat colour? ASSISTANT: red"
-LORA = T.LoraSpec(r=4, alpha=8, dropout=0.0)
+LORA = pipeline.tuning.LoraSpec(r=4, alpha=8, dropout=0.0)
 LAYER_RE = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
 
 
 @pytest.fixture
 def micro4(micro4_dir):
     torch.manual_seed(0)
-    return M.load_vlm(micro4_dir)
+    return pipeline.model.load_vlm(micro4_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -39,7 +39,7 @@ def layer_of(name: str) -> int | None:
 def batch(processor):
     out = dict(processor(images=Image.new("RGB", (32, 32), (255, 0, 0)), text=PROMPT, return_tensors="pt"))
     labels = out["input_ids"].clone()
-    labels[labels == processor.tokenizer.convert_tokens_to_ids(M.IMAGE_TOKEN)] = -100
+    labels[labels == processor.tokenizer.convert_tokens_to_ids(pipeline.model.IMAGE_TOKEN)] = -100
     out["labels"] = labels
     return out
 
@@ -73,7 +73,7 @@ def expected_full_trainable(names, layers, *, projector=True, embeddings=False, 
 def test_full_mode_trains_exactly_the_selected_layers_and_projector(micro4, layers):
     model, _ = micro4
     names = [n for n, _ in model.named_parameters()]
-    model = T.apply_trainability(model, T.Trainability(language_model="full", layers=layers))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(language_model="full", layers=layers))
     assert trainable_names(model) == expected_full_trainable(names, layers)
     # spot checks on everything that must stay frozen
     for n, p in model.named_parameters():
@@ -84,14 +84,14 @@ def test_full_mode_trains_exactly_the_selected_layers_and_projector(micro4, laye
 def test_full_mode_on_the_two_layer_micro(micro):
     model, _ = micro
     names = [n for n, _ in model.named_parameters()]
-    model = T.apply_trainability(model, T.Trainability(layers=(1,)))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(1,)))
     assert trainable_names(model) == expected_full_trainable(names, (1,))
 
 
 def test_layer_order_in_spec_does_not_matter(micro4):
     model, _ = micro4
     names = [n for n, _ in model.named_parameters()]
-    model = T.apply_trainability(model, T.Trainability(layers=(3, 1)))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(3, 1)))
     assert trainable_names(model) == expected_full_trainable(names, (1, 3))
 
 
@@ -99,14 +99,14 @@ def test_apply_resets_previous_trainability(micro4):
     model, _ = micro4
     names = [n for n, _ in model.named_parameters()]
     model.requires_grad_(True)  # everything trainable beforehand (the transformers default)
-    model = T.apply_trainability(model, T.Trainability(layers=(2,)))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(2,)))
     assert trainable_names(model) == expected_full_trainable(names, (2,))
 
 
 def test_embeddings_and_lm_head_flags(micro4):
     model, _ = micro4
     names = [n for n, _ in model.named_parameters()]
-    model = T.apply_trainability(model, T.Trainability(layers=(1,), embeddings=True, lm_head=True))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(1,), embeddings=True, lm_head=True))
     want = expected_full_trainable(names, (1,), embeddings=True, lm_head=True)
     assert trainable_names(model) == want
     assert "model.language_model.embed_tokens.weight" in want and "lm_head.weight" in want
@@ -116,7 +116,7 @@ def test_embeddings_and_lm_head_flags(micro4):
 def test_only_embeddings_flag(micro4):
     model, _ = micro4
     names = [n for n, _ in model.named_parameters()]
-    model = T.apply_trainability(model, T.Trainability(layers=(1,), embeddings=True))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(1,), embeddings=True))
     assert trainable_names(model) == expected_full_trainable(names, (1,), embeddings=True)
     assert not model.lm_head.weight.requires_grad
 
@@ -124,22 +124,22 @@ def test_only_embeddings_flag(micro4):
 def test_projector_frozen(micro4):
     model, _ = micro4
     names = [n for n, _ in model.named_parameters()]
-    model = T.apply_trainability(model, T.Trainability(projector="frozen", layers=(0, 2)))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(projector="frozen", layers=(0, 2)))
     assert trainable_names(model) == expected_full_trainable(names, (0, 2), projector=False)
-    assert not any(p.requires_grad for p in M.projector(model).parameters())
+    assert not any(p.requires_grad for p in pipeline.model.projector(model).parameters())
 
 
 def test_language_model_frozen_trains_projector_only(micro4):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(language_model="frozen"))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(language_model="frozen"))
     assert trainable_names(model) == {n for n, _ in model.named_parameters() if "multi_modal_projector" in n}
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
 def test_build_optimizer_holds_exactly_trainable_params(micro4):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(layers=(1, 3)))
-    opt = T.build_optimizer(model, projector_lr=1e-4, lm_lr=1e-3, weight_decay=0.01)
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(1, 3)))
+    opt = pipeline.tuning.build_optimizer(model, projector_lr=1e-4, lm_lr=1e-3, weight_decay=0.01)
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     assert len(in_opt) == len({id(p) for p in in_opt})  # no duplicates
     assert {id(p) for p in in_opt} == {id(p) for p in model.parameters() if p.requires_grad}
@@ -147,30 +147,30 @@ def test_build_optimizer_holds_exactly_trainable_params(micro4):
     assert set(groups) == {"projector", "language_model"}
     assert groups["projector"]["lr"] == 1e-4 and groups["language_model"]["lr"] == 1e-3
     assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
-    assert {id(p) for p in groups["projector"]["params"]} == {id(p) for p in M.projector(model).parameters()}
-    lm_ids = {id(p) for i in (1, 3) for p in M.decoder_layers(model)[i].parameters()}
+    assert {id(p) for p in groups["projector"]["params"]} == {id(p) for p in pipeline.model.projector(model).parameters()}
+    lm_ids = {id(p) for i in (1, 3) for p in pipeline.model.decoder_layers(model)[i].parameters()}
     assert {id(p) for p in groups["language_model"]["params"]} == lm_ids
 
 
 def test_build_optimizer_without_projector_group(micro4):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(projector="frozen", layers=(0,)))
-    opt = T.build_optimizer(model, projector_lr=1e-4, lm_lr=1e-3)
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(projector="frozen", layers=(0,)))
+    opt = pipeline.tuning.build_optimizer(model, projector_lr=1e-4, lm_lr=1e-3)
     assert [g["name"] for g in opt.param_groups] == ["language_model"]
 
 
 def test_build_optimizer_nothing_to_train(micro4):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(projector="frozen", language_model="frozen"))
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(projector="frozen", language_model="frozen"))
     with pytest.raises(ValueError, match="nothing to train"):
-        T.build_optimizer(model, projector_lr=1e-4, lm_lr=1e-3)
+        pipeline.tuning.build_optimizer(model, projector_lr=1e-4, lm_lr=1e-3)
 
 
 @pytest.mark.parametrize("layers", [(1,), (0, 3)])
 def test_full_step_changes_only_trainable_params(micro4, layers):
     model, processor = micro4
-    model = T.apply_trainability(model, T.Trainability(layers=layers))
-    opt = T.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3)
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=layers))
+    opt = pipeline.tuning.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3)
     before = snapshot(model)
     train_step(model, processor, opt)
     after = model.state_dict()
@@ -187,7 +187,7 @@ def test_full_step_changes_only_trainable_params(micro4, layers):
     frozen_ids = {id(p) for p in params.values() if not p.requires_grad}
     assert not (state_ids & frozen_ids)
     n_trainable = sum(params[n].numel() for n in trainable)
-    nbytes = T.optimizer_state_bytes(opt)
+    nbytes = pipeline.tuning.optimizer_state_bytes(opt)
     assert nbytes > 0
     assert 8 * n_trainable <= nbytes <= 8 * n_trainable + 8 * len(trainable)  # fp32 exp_avg + exp_avg_sq (+ step)
 
@@ -195,30 +195,30 @@ def test_full_step_changes_only_trainable_params(micro4, layers):
 def test_optimizer_state_scales_with_the_number_of_layers(micro4_dir):
     sizes = {}
     for layers in [(1,), (0, 1), (0, 1, 2, 3)]:
-        model, processor = M.load_vlm(micro4_dir)
-        model = T.apply_trainability(model, T.Trainability(projector="frozen", layers=layers))
-        opt = T.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3)
+        model, processor = pipeline.model.load_vlm(micro4_dir)
+        model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(projector="frozen", layers=layers))
+        opt = pipeline.tuning.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3)
         train_step(model, processor, opt)
-        sizes[len(layers)] = T.optimizer_state_bytes(opt)
+        sizes[len(layers)] = pipeline.tuning.optimizer_state_bytes(opt)
     assert sizes[2] == 2 * sizes[1]
     assert sizes[4] == 4 * sizes[1]
 
 
 def test_optimizer_state_bytes_empty_before_step(micro4):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(layers=(1,)))
-    assert T.optimizer_state_bytes(T.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3)) == 0
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(1,)))
+    assert pipeline.tuning.optimizer_state_bytes(pipeline.tuning.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-3)) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- lora mode
 def lora_model(micro4, layers=(1, 3), **kw):
     model, processor = micro4
-    return T.apply_trainability(model, T.Trainability(language_model="lora", layers=layers, lora=LORA, **kw)), processor
+    return pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(language_model="lora", layers=layers, lora=LORA, **kw)), processor
 
 
 def test_lora_targets_are_full_names_in_selected_layers(micro4):
     model, _ = micro4
-    targets = T.lora_targets(model, (1, 3))
+    targets = pipeline.tuning.lora_targets(model, (1, 3))
     assert len(targets) == 2 * 7  # q k v o gate up down per layer
     assert all(t.startswith("model.language_model.layers.") for t in targets)
     assert {layer_of(t) for t in targets} == {1, 3}
@@ -241,7 +241,7 @@ def test_lora_wraps_with_peft_only_selected_layers(micro4):
 
 def test_no_lora_under_the_vision_tower(micro4):
     model, _ = lora_model(micro4, layers=(0, 1, 2, 3))
-    vision = M.vision_tower(model)
+    vision = pipeline.model.vision_tower(model)
     offenders = [n for n, m in vision.named_modules() if hasattr(m, "lora_A") or hasattr(m, "lora_B")]
     assert offenders == []
     # and by name, over the whole model: adapter parameters live in language-model layers only
@@ -256,9 +256,9 @@ def test_no_lora_under_the_vision_tower(micro4):
 def test_vision_check_detects_short_target_names(micro4, monkeypatch):
     """Negative control: with peft's usual short names ("q_proj", ...) the vision tower *would* get adapters, and
     the walk above finds them; the full-name targets are what keeps it clean."""
-    monkeypatch.setattr(T, "lora_targets", lambda model, layers: ["q_proj", "v_proj"])
+    monkeypatch.setattr(pipeline.tuning, "lora_targets", lambda model, layers: ["q_proj", "v_proj"])
     model, _ = lora_model(micro4, layers=(0,))
-    vision = M.vision_tower(model)
+    vision = pipeline.model.vision_tower(model)
     assert [n for n, m in vision.named_modules() if hasattr(m, "lora_A")]
 
 
@@ -268,7 +268,7 @@ def test_lora_trainable_params(micro4):
     for n in trainable:
         assert "lora_" in n or "multi_modal_projector" in n, n
     assert {n for n in trainable if "multi_modal_projector" in n}  # projector trainable
-    assert all(p.requires_grad for p in M.projector(model).parameters())
+    assert all(p.requires_grad for p in pipeline.model.projector(model).parameters())
     assert {layer_of(n) for n in trainable if "lora_" in n} == {1, 3}
     # base weights are frozen everywhere, selected layers included
     for n, p in model.named_parameters():
@@ -283,7 +283,7 @@ def test_lora_projector_frozen(micro4):
 
 def test_lora_step_leaves_vision_and_base_weights_unchanged(micro4):
     model, processor = lora_model(micro4)
-    opt = T.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-2)
+    opt = pipeline.tuning.build_optimizer(model, projector_lr=1e-3, lm_lr=1e-2)
     before = snapshot(model)
     train_step(model, processor, opt)
     after = model.state_dict()
@@ -299,8 +299,8 @@ def test_lora_step_leaves_vision_and_base_weights_unchanged(micro4):
 
 def test_merge_for_export_non_peft_is_identity(micro4):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(layers=(1,)))
-    assert T.merge_for_export(model) is model
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(1,)))
+    assert pipeline.tuning.merge_for_export(model) is model
 
 
 def test_merge_for_export_gives_plain_llava_with_merged_selected_layers(micro4):
@@ -310,13 +310,13 @@ def test_merge_for_export_gives_plain_llava_with_merged_selected_layers(micro4):
     original = snapshot(model)
     original_names = [n for n, _ in model.named_parameters()]
     layers = (1, 3)
-    peft_model = T.apply_trainability(model, T.Trainability(language_model="lora", layers=layers, lora=LORA))
+    peft_model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(language_model="lora", layers=layers, lora=LORA))
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    merged = T.merge_for_export(peft_model)
+    merged = pipeline.tuning.merge_for_export(peft_model)
     assert type(merged) is LlavaForConditionalGeneration
     assert [n for n, _ in merged.named_parameters()] == original_names
     assert not any(hasattr(m, "lora_A") for m in merged.modules())
@@ -338,11 +338,11 @@ def test_merge_after_a_real_step(micro4, tmp_path):
     model, processor = micro4
     original = snapshot(model)
     layers = (2,)
-    peft_model = T.apply_trainability(model, T.Trainability(language_model="lora", layers=layers, lora=LORA))
-    opt = T.build_optimizer(peft_model, projector_lr=1e-2, lm_lr=1e-2)
+    peft_model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(language_model="lora", layers=layers, lora=LORA))
+    opt = pipeline.tuning.build_optimizer(peft_model, projector_lr=1e-2, lm_lr=1e-2)
     train_step(peft_model, processor, opt)
     train_step(peft_model, processor, opt)  # second step: lora_A gets a gradient once lora_B is nonzero
-    merged = T.merge_for_export(peft_model)
+    merged = pipeline.tuning.merge_for_export(peft_model)
     assert type(merged) is LlavaForConditionalGeneration
     sd = merged.state_dict()
     changed = {k for k in original if not torch.equal(original[k], sd[k])}
@@ -351,8 +351,8 @@ def test_merge_after_a_real_step(micro4, tmp_path):
     assert all(k.endswith("_proj.weight") for k in linear_changed)
     assert not any(".vision_tower." in k for k in changed)
     # the merged model saves and reloads like any LLaVA checkpoint
-    M.save_vlm(merged, processor, tmp_path / "merged")
-    reloaded, _ = M.load_vlm(tmp_path / "merged")
+    pipeline.model.save_vlm(merged, processor, tmp_path / "merged")
+    reloaded, _ = pipeline.model.load_vlm(tmp_path / "merged")
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
 
@@ -361,8 +361,8 @@ def test_merge_after_a_real_step(micro4, tmp_path):
 @pytest.mark.parametrize("mode, layers", [("full", (1, 3)), ("full", (0,)), ("lora", (0, 2)), ("frozen", ())])
 def test_trainability_report(micro4, mode, layers):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(language_model=mode, layers=layers, lora=LORA))
-    rep = T.trainability_report(model)
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(language_model=mode, layers=layers, lora=LORA))
+    rep = pipeline.tuning.trainability_report(model)
     params = list(model.parameters())
     assert rep["total"] == sum(p.numel() for p in params)
     assert rep["trainable"] == sum(p.numel() for p in params if p.requires_grad)
@@ -388,8 +388,8 @@ def test_trainability_report(micro4, mode, layers):
 
 def test_trainability_report_embeddings_and_lm_head(micro4):
     model, _ = micro4
-    model = T.apply_trainability(model, T.Trainability(layers=(1,), embeddings=True, lm_head=True))
-    comps = T.trainability_report(model)["components"]
+    model = pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(layers=(1,), embeddings=True, lm_head=True))
+    comps = pipeline.tuning.trainability_report(model)["components"]
     assert comps["lm_other"]["trainable"] == model.model.language_model.embed_tokens.weight.numel()
     assert comps["lm_head_and_rest"]["trainable"] == model.lm_head.weight.numel()
 
@@ -410,11 +410,11 @@ def test_trainability_report_embeddings_and_lm_head(micro4):
 )
 def test_trainability_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        T.Trainability(**kwargs)
+        pipeline.tuning.Trainability(**kwargs)
 
 
 def test_frozen_lm_needs_no_layers():
-    assert T.Trainability(language_model="frozen").layers == ()
+    assert pipeline.tuning.Trainability(language_model="frozen").layers == ()
 
 
 @pytest.mark.parametrize("layers", [(4,), (0, 7), (-1,)])
@@ -422,14 +422,16 @@ def test_frozen_lm_needs_no_layers():
 def test_out_of_range_layer(micro4, layers, mode):
     model, _ = micro4
     with pytest.raises(ValueError, match=r"selected layer -?\d+ is out of range for 4 decoder layers"):
-        T.apply_trainability(model, T.Trainability(language_model=mode, layers=layers, lora=LORA))
+        pipeline.tuning.apply_trainability(model, pipeline.tuning.Trainability(language_model=mode, layers=layers, lora=LORA))
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"r": 0}, "r and alpha must be >= 1"), ({"alpha": 0}, "r and alpha must be >= 1"),
-     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"), ({"dropout": -0.1}, r"dropout must be in \[0, 1\)")],
+    [({"r": 0}, r"r\n  Input should be greater than or equal to 1"),
+     ({"alpha": 0}, r"alpha\n  Input should be greater than or equal to 1"),
+     ({"dropout": 1.0}, r"dropout\n  Input should be less than 1"),
+     ({"dropout": -0.1}, r"dropout\n  Input should be greater than or equal to 0")],
 )
 def test_lora_spec_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        T.LoraSpec(**kwargs)
+        pipeline.tuning.LoraSpec(**kwargs)

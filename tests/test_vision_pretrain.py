@@ -1,7 +1,6 @@
 """Contrastive pretraining of the tiny vision tower (stage build_base, params vision_pretrain): CLIP / SigLIP around
 the tower, the caption batches, the retrieval metric, and that training teaches the tower to tell images apart."""
 
-import dataclasses
 
 import datasets
 import pytest
@@ -10,7 +9,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from conftest import MICRO_TEXTS
-from pipeline import evaluation as E, model as M, training as T
+from pipeline import evaluation, training
+import pipeline.model
 from pipeline.config import TrainParams
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 190, 40), "blue": (40, 90, 255), "yellow": (245, 220, 20),
@@ -19,8 +19,8 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 190, 40), "blue": (40, 90, 255), 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def parts(request, tmp_path_factory):
-    spec = dataclasses.replace(M.PROFILES["micro"], vision_type=request.param)
-    vision_dir, lm_dir = M.build_offline_parts(spec, MICRO_TEXTS, tmp_path_factory.mktemp(request.param), seed=0)
+    spec = pipeline.model.PROFILES["micro"].model_copy(update={"vision_type": request.param})
+    vision_dir, lm_dir = pipeline.model.build_offline_parts(spec, MICRO_TEXTS, tmp_path_factory.mktemp(request.param), seed=0)
     return vision_dir, AutoTokenizer.from_pretrained(lm_dir)
 
 
@@ -33,16 +33,16 @@ def colour_pairs(vision_dir, repeats: int = 1) -> datasets.Dataset:
         records.append({"image": img, "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                                         {"from": "gpt", "value": f"a {name} square on the top left."}]})
     ds = datasets.Dataset.from_list(records)
-    return T.image_text_dataset(ds, AutoImageProcessor.from_pretrained(vision_dir))
+    return training.image_text_dataset(ds, AutoImageProcessor.from_pretrained(vision_dir))
 
 
 def test_the_tower_is_shared_and_captions_are_pooled_at_their_end_token(parts):
     vision_dir, tokenizer = parts
     tower = AutoModel.from_pretrained(vision_dir)
-    model, end_id = M.contrastive_model(tower, tokenizer, text_layers=1, max_length=16)
+    model, end_id = pipeline.model.contrastive_model(tower, tokenizer, text_layers=1, max_length=16)
     assert model.vision_model is tower and end_id == len(tokenizer)
     data = colour_pairs(vision_dir)
-    batch = T.ImageTextCollator(tokenizer, end_id, 16)([data[i] for i in range(len(data))])
+    batch = training.ImageTextCollator(tokenizer, end_id, 16)([data[i] for i in range(len(data))])
     assert batch["input_ids"].shape == (len(COLOURS), 16)
     ends = [(row == end_id).nonzero().flatten().tolist() for row in batch["input_ids"]]
     lengths = batch["attention_mask"].sum(dim=1).tolist()
@@ -62,16 +62,16 @@ def test_pretraining_teaches_the_tower_to_match_images_to_captions(parts, tmp_pa
     torch.manual_seed(0)
     tower = AutoModel.from_pretrained(vision_dir)
     before_weights = {n: p.detach().clone() for n, p in tower.named_parameters()}
-    model, end_id = M.contrastive_model(tower, tokenizer, text_layers=1, max_length=16)
+    model, end_id = pipeline.model.contrastive_model(tower, tokenizer, text_layers=1, max_length=16)
     data = colour_pairs(vision_dir, repeats=4)
     held_out = colour_pairs(vision_dir)
-    collator = T.ImageTextCollator(tokenizer, end_id, 16)
-    before = E.image_to_caption_accuracy(model, held_out, collator, batch_size=4)
+    collator = training.ImageTextCollator(tokenizer, end_id, 16)
+    before = evaluation.image_to_caption_accuracy(model, held_out, collator, batch_size=4)
     model.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     params = TrainParams(max_steps=60, batch_size=len(COLOURS), save_steps=100, logging_steps=10, warmup_ratio=0.0)
-    T.train(model, data, collator=collator, optimizer=optimizer, params=params, ckpt_dir=tmp_path / "ckpt", seed=0,
+    training.train(model, data, collator=collator, optimizer=optimizer, params=params, ckpt_dir=tmp_path / "ckpt", seed=0,
             fingerprint={"test": 1})
-    after = E.image_to_caption_accuracy(model, held_out, collator, batch_size=4)
+    after = evaluation.image_to_caption_accuracy(model, held_out, collator, batch_size=4)
     assert before < 0.5 and after == 1.0, (before, after)
     assert any(not torch.equal(before_weights[n], p) for n, p in tower.named_parameters())

@@ -1,6 +1,7 @@
 """The data layer, one module per concern (none imports torch):
 
-* ``schema``: the prepared datasets' layout and record schema, DataConfig, DataError, the manifest.
+* ``schema``: the prepared datasets' layout and record schema, DataError, the manifest. DataConfig, the data params,
+  is defined with the params schema (pipeline/config.py) and re-exported here.
 * ``synthetic``: the tiny world (shape scenes, digits, the text corpus and text QA), generated from a seed.
 * ``llava``: the LLaVA-format importer (JSON / JSONL of any size, validated in parallel, images kept as their bytes).
 * ``images``: images as the pipeline reads them (upright 8-bit RGB).
@@ -12,14 +13,14 @@
 The names below are the package's public API.
 """
 
+from pipeline.config import DataConfig
 from pipeline.data.chat import IMAGE_TOKEN, TEMPLATES, encode_conversation, generation_prompt
 from pipeline.data.images import to_rgb
 from pipeline.data.llava import ImportReport, import_llava_json
 from pipeline.data.prepare import build_text, build_visual, prepare_all, text_corpus_chunks
 from pipeline.data.schema import (
     IMPORTED_SPLIT, MANIFEST_FILE, TEXT_DIR, TEXT_FEATURES, TEXT_QA_DIR, TEXT_QA_FEATURES, TEXT_SPLITS,
-    VISION_PAIRS_SPLIT, VISUAL_DIR, VISUAL_FEATURES, VISUAL_SPLITS, DataConfig, DataError, content_hash,
-    read_manifest,
+    VISION_PAIRS_SPLIT, VISUAL_DIR, VISUAL_FEATURES, VISUAL_SPLITS, DataError, content_hash, read_manifest,
 )
 from pipeline.data.synthetic import (
     BACKGROUND, CAPTION_PROMPTS, COLOURS, DIGIT_PROMPT, GRID, PALETTE, QTYPES, SHAPES, Shape, chunk_text,

@@ -20,6 +20,7 @@ import functools
 from typing import Any
 
 from pipeline.data.schema import DataError
+from pipeline.errors import ProjectError
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100  # labels of prompt tokens: no loss
@@ -39,7 +40,7 @@ TEMPLATES: dict[str, str] = {
 TEMPLATE_CHOICES = (*TEMPLATES, "tokenizer")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(ProjectError, ValueError):
     """A tokenizer without a usable chat template."""
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.config import ParamsError
 from pipeline.data.chat import IGNORE_INDEX, IMAGE_TOKEN, OverLengthError, encode_conversation
 from pipeline.data.images import to_rgb
 from pipeline.data.schema import DataError
@@ -56,7 +57,7 @@ class _Encoder:
     def __init__(self, processor, *, max_length: int, on_overflow: str, source: str, params_key: str) -> None:
         self.n_image = num_image_tokens(processor)
         if max_length <= self.n_image + 8:
-            raise ValueError(f"{params_key}.max_length {max_length} leaves no room for text after {self.n_image} image "
+            raise ParamsError(f"{params_key}.max_length {max_length} leaves no room for text after {self.n_image} image "
                              "tokens")
         self.tokenizer = processor.tokenizer
         self.max_length, self.on_overflow = max_length, on_overflow

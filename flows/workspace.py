@@ -1,0 +1,301 @@
+"""A workspace, as the flows use it: a git clone of this repo with its DVC remote set up. The one place that runs
+`dvc` and `git` there (with the project's interpreter first on PATH), knows which failures are transient (worth
+another try: an endpoint may come back) and retries those for the pulls, pushes and endpoint checks, reads the DVC
+remote's config and checks it, and locks the workspace so that one run at a time pulls, reproduces and pushes in it.
+
+Used by flows/pipeline.py (the scheduled pipeline), flows/queue.py (the experiment queue) and flows/sweep/."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.runtime import flow_run
+
+from flows.services import ServiceError, check_http, s3_client
+from pipeline.errors import ProjectError
+
+REPO = Path(__file__).resolve().parent.parent
+LOCK = Path(".dvc/tmp/vr-pipeline.lock")
+# Text in a failed command's output (or an exception) that says an endpoint was unreachable or busy, not wrong.
+TRANSIENT_MARKERS = ("Could not connect to the endpoint", "Connection refused", "Connection reset", "timed out",
+                     "Read timeout", "Temporary failure in name resolution", "ServiceUnavailable", "SlowDown", "503")
+
+
+class PipelineError(ProjectError, RuntimeError):
+    """A flow cannot go on; the message names the workspace, command or endpoint."""
+
+
+class TransientError(PipelineError):
+    """Worth another try: the endpoint may come back."""
+
+
+class WorkspaceBusy(PipelineError):
+    """Another pipeline run holds the workspace."""
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """A task's retry condition: only a TransientError is retried (a missing bucket fails the same way again)."""
+    return isinstance(state.result(raise_on_failure=False), TransientError)
+
+
+# Task options for a step that talks to an endpoint: two more attempts, 5 s and 20 s later, for a transient failure.
+RETRY_TRANSIENT = {"retries": 2, "retry_delay_seconds": [5, 20], "retry_condition_fn": retry_if_transient,
+                   "cache_policy": NO_CACHE}
+
+_CLI_LOGGER = logging.getLogger("flows.workspace")
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run; outside one (the queue's command line), a plain logger that
+    prints to stdout."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        if not _CLI_LOGGER.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            _CLI_LOGGER.addHandler(handler)
+            _CLI_LOGGER.setLevel(logging.INFO)
+            _CLI_LOGGER.propagate = False
+        return _CLI_LOGGER
+
+
+# ------------------------------------------------------------------------------------------------- the lock
+@contextlib.contextmanager
+def workspace_lock(workspace: Path) -> Iterator[None]:
+    """An exclusive, non-blocking lock on `<workspace>/.dvc/tmp/vr-pipeline.lock`; released when the holder exits,
+    even if it crashes (flock), so a stale file never blocks."""
+    path = workspace / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown holder"
+            raise WorkspaceBusy(f"workspace {workspace} is busy: another pipeline run holds {path} ({holder}); "
+                                "wait for it to finish, or use another clone") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def dvc_env() -> dict[str, str]:
+    """The stages' `python` is this interpreter (the project venv), whatever PATH the worker was started with; a
+    stage started inside a flow run knows that run (flows/stages.py tags its own flow run with it)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if flow_run.id:
+        env["VR_PIPELINE_FLOW_RUN"] = str(flow_run.id)
+    return env
+
+
+def is_transient(text: str) -> bool:
+    return any(marker in text for marker in TRANSIENT_MARKERS)
+
+
+def dvc(workspace: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run `dvc <args>` in the workspace (environment: `env`, default dvc_env()), its output streamed line by line
+    into the run's log (a repro can take hours); failure raises a PipelineError with the command and the end of its
+    output (a TransientError when that output says an endpoint was unreachable)."""
+    logger = run_logger()
+    logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workspace, env=env or dvc_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                          bufsize=1) as proc:
+        for line in proc.stdout:
+            if line := line.rstrip():
+                logger.info("%s", line)
+                tail.append(line)
+    if proc.returncode != 0:
+        text = "\n".join(tail)
+        kind = TransientError if is_transient(text) else PipelineError
+        raise kind(f"`dvc {' '.join(args)}` failed in {workspace} (exit {proc.returncode}):\n{text[-3000:]}")
+
+
+def dvc_output(workspace: Path, *args: str) -> str:
+    """The standard output of a short `dvc <args>` (a query: status, remote list)."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=dvc_env(), capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise PipelineError(f"`dvc {' '.join(args)}` failed in {workspace}: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def dvc_status(workspace: Path, stages: list[str]) -> dict:
+    """`dvc status --json <stages>`: {} when every one of them is up to date."""
+    return json.loads(dvc_output(workspace, "status", "--json", *stages) or "{}")
+
+
+def git(workspace: Path, *args: str) -> str:
+    """The standard output of `git <args>` in the workspace."""
+    proc = subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise PipelineError(f"`git {' '.join(args)}` failed in {workspace}: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def clone_at(repo_url: str, commit: str, dest: Path) -> None:
+    """A fresh clone of `repo_url` in `dest` (whatever was there goes), checked out at `commit` (detached)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["git", "clone", "--quiet", "--no-checkout", repo_url, str(dest)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        transient = any(m in proc.stderr for m in ("timed out", "Could not resolve host", "Connection"))
+        kind = TransientError if transient else PipelineError
+        raise kind(f"`git clone {repo_url}` failed: {proc.stderr.strip()[-2000:]}")
+    proc = subprocess.run(["git", "checkout", "--quiet", "--detach", commit], cwd=dest, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise PipelineError(f"commit {commit} is not in {repo_url} (push it where the workers clone from): "
+                            f"{proc.stderr.strip()[-1000:]}")
+
+
+def start_from_committed_params(workspace: Path) -> None:
+    """The same flow parameters mean the same run: params.yaml starts as committed (HEAD), not as an earlier
+    experiment left it (`dvc exp run` leaves its params in the workspace). A differing file is kept aside first."""
+    proc = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=workspace, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PipelineError(f"workspace {workspace}: cannot read the committed params.yaml: {proc.stderr.strip()}")
+    current = workspace / "params.yaml"
+    if current.exists() and current.read_text() != proc.stdout:
+        kept = workspace / ".dvc" / "tmp" / f"params.yaml.{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.copyfile(current, kept)
+        run_logger().warning("params.yaml differed from HEAD's (an earlier experiment or a local edit): kept as %s; "
+                             "running from HEAD's", kept)
+    current.write_text(proc.stdout)
+
+
+def dvc_stages(workspace: Path) -> list[tuple[str, list[str], list[tuple[str, bool]]]]:
+    """The stages of the workspace's dvc.yaml as `dvc repro` names them there (foreach stages as `<group>@<key>`),
+    in dvc.yaml's order: (name, file deps (no params), outputs as (path, cached))."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    dvc_yaml = (workspace / "dvc.yaml").resolve()
+    try:
+        with Repo(str(workspace)) as repo:
+            return [(s.name, [d.def_path for d in s.deps if not isinstance(d, ParamsDependency)],
+                     [(o.def_path, bool(o.use_cache)) for o in s.outs])
+                    for s in repo.index.stages if Path(s.path).resolve() == dvc_yaml]
+    except DvcException as err:
+        raise PipelineError(f"cannot read the stages of {dvc_yaml}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------- the remote
+def remote_config(workspace: Path, name: str | None = None) -> tuple[str, dict]:
+    """(name, config) of the DVC remote `name` or the workspace's default remote (local config included)."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        conf = repo.config
+    name = name or conf["core"].get("remote")
+    if not name:
+        raise PipelineError(f"workspace {workspace} has no default DVC remote: `dvc remote add -d s3 s3://<bucket>/dvc`")
+    if name not in conf["remote"]:
+        raise PipelineError(f"workspace {workspace} has no DVC remote {name!r} (have {sorted(conf['remote'])})")
+    return name, dict(conf["remote"][name])
+
+
+def s3_endpoint(remote: dict) -> str | None:
+    """The remote's `endpointurl`, else the standard AWS variables (None: AWS itself)."""
+    return remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def check_s3_remote(name: str, remote: dict) -> None:
+    """List (at most one key of) the remote's prefix with the standard AWS credential chain, as DVC will, and
+    classify what went wrong. (Not HEAD bucket: some stores answer it without checking the signature.)"""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    url = remote["url"]
+    if not url.startswith("s3://"):
+        return
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    endpoint = s3_endpoint(remote)
+    where = f"S3 endpoint {endpoint or '(AWS)'} (DVC remote {name!r}: {url})"
+    try:
+        s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except NoCredentialsError:
+        raise PipelineError(f"{where}: no AWS credentials found (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                            "AWS_PROFILE or another source of the standard chain)") from None
+    except EndpointConnectionError as err:
+        raise TransientError(f"{where} is unreachable: {err}") from None
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("404", "NoSuchBucket"):
+            raise PipelineError(f"{where}: bucket {bucket!r} does not exist") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            raise PipelineError(f"{where} refused the credentials for bucket {bucket!r} ({code or status}): check "
+                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
+        kind = TransientError if status >= 500 else PipelineError
+        raise kind(f"{where}: {code or status}: {err}") from None
+    except BotoCoreError as err:  # timeouts and other connection-level failures
+        raise TransientError(f"{where} is unreachable: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+@task(**{**RETRY_TRANSIENT, "retry_delay_seconds": [3, 10]})
+def check_endpoints(workspace: Path, remote: str | None, needs_remote: bool) -> None:
+    """Fail before any long work when a service the run needs is down or misconfigured."""
+    if needs_remote:
+        name, conf = remote_config(workspace, remote)
+        check_s3_remote(name, conf)
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if mlflow_uri.startswith(("http://", "https://")):
+        try:
+            check_http(mlflow_uri.rstrip("/") + "/health", "MLflow tracking server", attempts=1)
+        except ServiceError as err:
+            raise TransientError(str(err)) from None
+
+
+def _remote_args(remote: str | None) -> list[str]:
+    return ["-r", remote] if remote else []
+
+
+@task(**RETRY_TRANSIENT)
+def dvc_pull(workspace: Path, remote: str | None, targets: list[str] | None = None,
+             allow_missing: bool = False) -> None:
+    """`dvc pull` of `targets` (stages or paths; none: everything), `--allow-missing`: what the remote lacks is
+    left to compute."""
+    dvc(workspace, "pull", *(["--allow-missing"] if allow_missing else []), *_remote_args(remote), *(targets or []))
+
+
+@task(**RETRY_TRANSIENT)
+def dvc_push(workspace: Path, remote: str | None, targets: list[str] | None = None) -> None:
+    """`dvc push` of the outputs of `targets` (stages; none: every stage's)."""
+    dvc(workspace, "push", *_remote_args(remote), *(targets or []))
+
+
+@task(cache_policy=NO_CACHE)
+def dvc_repro(workspace: Path, targets: list[str] | None = None, single_item: bool = False) -> None:
+    """`dvc repro` of `targets` (none: the whole pipeline) with what they depend on, or with `single_item` each
+    target alone, one at a time, in the given order (its inputs are already there; the upstream is not checked).
+    Not retried: a failed stage fails the same way again."""
+    if single_item:
+        for target in targets or []:
+            dvc(workspace, "repro", "--single-item", target)
+    else:
+        dvc(workspace, "repro", *(targets or []))

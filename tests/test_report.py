@@ -1,0 +1,59 @@
+"""pipeline/report.py and pipeline/pruning_curve.py without a pipeline run: the committed report of the tiny default
+rebuilt from the committed metrics byte for byte, the claims' runs picked from params by what they are, and the
+pruning curve's plot data. (The full stages run in test_pipeline_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import config, report
+from pipeline.pruning_curve import curve_csv
+from pipeline.selection import select_layers
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def committed_rows(params):
+    runs = params.tune.all_runs()
+    evals = {name: json.loads((REPO / "metrics/eval" / f"{name}.json").read_text()) for name in runs}
+    depth = json.loads((REPO / "metrics/base.json").read_text())["decoder_layers"]
+    layers = {name: select_layers(depth, spec.strategy, spec.budget, seed=spec.seed) for name, spec in runs.items()}
+    return runs, report.run_rows(runs, evals, layers)
+
+
+def test_the_committed_report_is_rebuilt_byte_for_byte():
+    params = config.load(REPO / "params.yaml")
+    runs, rows = committed_rows(params)
+    curves = json.loads((REPO / "metrics/pruning_curve.json").read_text())
+    sweep = report.sweep_rows(rows, runs)
+    checks = report.claims(rows, curves, report.claim_runs(runs))
+    links = [f"figures/{p.name}" for p in sorted((REPO / "reports/figures").glob("*.png"))]
+    assert report.markdown(rows, curves, checks, links) == (REPO / "reports/summary.md").read_text()
+    summary = json.dumps(report.summary(rows, checks), indent=2, sort_keys=True) + "\n"  # storage.atomic_write_json
+    assert summary == (REPO / "metrics/summary.json").read_text()
+    assert report.retention_csv(sweep) == (REPO / "plots/retention_vs_layers.csv").read_text()
+
+
+def test_claims_compare_the_runs_params_define_not_fixed_names():
+    raw = {"tune": {"runs": {"all": {"strategy": "all"}, "even": {"strategy": "uniform", "budget": 0.25},
+                             "block": {"strategy": "top", "budget": 0.25}, "half": {"strategy": "uniform", "budget": 0.5}}}}
+    runs = config.validate(raw).tune.all_runs()
+    assert report.claim_runs(runs) == {"uniform": "even", "top": "block"}
+    score = {"visual_score": 0.5, "visual_retention": 1.0, "text_qa_accuracy": 0.5, "text_ppl": 10.0}
+    rows = {"all": score, "even": score | {"visual_score": 0.6}, "block": score, "half": score}
+    curve = [{"removed_layers": k, "visual_score": 0.5} for k in range(3)]
+    checks = report.claims(rows, {"all": curve, "even": curve}, report.claim_runs(runs))
+    assert [ok for _, ok, _ in checks] == [True, True, True, False]  # the last: 0.5 is not > 0.5
+    assert "visual 0.600 vs 0.500" in checks[2][2]
+    no_uniform = {name: spec for name, spec in runs.items() if name != "even"}
+    assert report.claim_runs(no_uniform) == {"uniform": None, "top": "block"}
+    assert report.claims(rows, {"all": curve}, report.claim_runs(no_uniform)) == []
+
+
+def test_curve_csv_has_a_healed_score_only_where_a_cut_was_healed():
+    points = [{"removed_layers": 0, "visual_score": 0.9, "text_qa_accuracy": 0.1, "text_ppl": 20.0},
+              {"removed_layers": 1, "visual_score": 0.8, "text_qa_accuracy": 0.1, "text_ppl": 25.0,
+               "healed": {"visual_score": 0.85}}]
+    assert curve_csv({"all": points}) == ("run,removed_layers,visual_score,text_qa_accuracy,text_ppl,healed_visual_score\n"
+                                          "all,0,0.9,0.1,20.0,\nall,1,0.8,0.1,25.0,0.85\n")
