@@ -110,8 +110,8 @@ class ProfileSpec(_Value):
     vision_type: Literal["clip", "siglip"] = "clip"
     image_size: int = Field(64, ge=1)
     # 4x4 patches, four image tokens per scene quadrant: a shape's outline then shows in which of its four tokens it
-    # fills (a triangle leaves its top two half empty). With one token per quadrant (patch 32) shape stayed at the
-    # majority class (0.42) after 1200 tuning steps although a linear probe read it from the token at 0.96.
+    # fills (a triangle leaves its top two half empty); with one token per quadrant the LM never learnt shape
+    # (docs/results.md).
     patch_size: int = Field(16, ge=1)
     vision_hidden: int = Field(64, ge=1)
     vision_layers: int = Field(3, ge=2)  # features come from the second-to-last layer

@@ -1,5 +1,5 @@
 """Where the stages read and write, relative to the repository root: every path DVC tracks, as dvc.yaml's deps and
-outs name it (tests/test_dvc_deps.py checks that the two agree). Stage code takes these paths from here only."""
+outs name it (tests/stages/test_dvc_deps.py checks that the two agree). Stage code takes these paths from here only."""
 
 from pathlib import Path
 

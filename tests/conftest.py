@@ -8,6 +8,21 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "stages", "flows")
+SERVER_FIXTURES = {"s3_server", "mlflow_server", "prefect_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark each test with its layer (the folder it lives in) and, when it uses a real server, `servers`: so
+    `-m unit`, `-m "not servers"` or `-m "not slow and not servers"` select by what a test needs, not by file."""
+    for item in items:
+        parts = Path(item.fspath).resolve().relative_to(TESTS).parts
+        if parts[0] in LAYERS:
+            item.add_marker(parts[0])
+        if SERVER_FIXTURES & set(item.fixturenames):
+            item.add_marker("servers")
+
 MICRO_TEXTS = [
     "USER: <image>\nWhat colour is the circle? ASSISTANT: red",
     "What shape is the blue object? square triangle circle. How many shapes are there? one two three four",
@@ -49,7 +64,7 @@ def micro(micro_dir):
 
 # ------------------------------------------------------------------------------------------ real servers on 127.0.0.1
 # Started on first use, once per session, on free ports with their data in tmp dirs; stopped (whole process group)
-# at the end. See flows/services.py and tests/servers.py.
+# at the end. See flows/services.py and tests/helpers/servers.py.
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """SeaweedFS with bucket `visual-region`; its only identity is (servers.S3_KEY, servers.S3_SECRET)."""

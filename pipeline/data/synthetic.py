@@ -77,9 +77,8 @@ def draw_scene(
     """Draw 1-4 shapes, each inside its own quadrant (so they never overlap).
 
     Shapes are returned in reading order (top-left, top-right, bottom-left,
-    bottom-right). Each shape spans 75-90% of its quadrant: at that size its area says which shape it is
-    (a linear probe on the frozen tiny vision tower, with 32 px patches, read the shape at 0.98, against 0.79 at
-    55-80%; the LM learnt to answer shape only once the tower used 16 px patches, see pipeline/model.py).
+    bottom-right). Each shape spans 75-90% of its quadrant: at that size its area says which shape it is (the
+    measurements behind these sizes: docs/results.md, "What makes the tiny setting a fair test").
     """
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")

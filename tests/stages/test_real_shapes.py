@@ -1,6 +1,6 @@
 """Real-shape dry run: every stage of the paper's pipeline on LLaVA-1.5-7B's shapes, offline, on CPU.
 
-The `hf` profile composes, from local directories (tests/real_shapes.py):
+The `hf` profile composes, from local directories (tests/helpers/real_shapes.py):
 
 * vision: a random CLIPVisionModel shaped like openai/clip-vit-large-patch14-336 (336 px, patch 14: 576 image
   tokens, hidden 1024, 16 heads, MLP 4096) with that checkpoint's CLIP image processor (PIL class); **cut from 24 to

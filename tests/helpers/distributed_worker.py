@@ -1,7 +1,7 @@
-"""Micro training cases shared by tests/test_distributed.py: each is run once in the test process (1 process, batch
+"""Micro training cases shared by tests/unit/test_distributed.py: each is run once in the test process (1 process, batch
 4) and once by this file under `torchrun --nproc_per_node 2` (gloo on CPU, batch 2 per process). Not a test module.
 
-    torchrun --nproc_per_node 2 tests/distributed_worker.py MICRO_DIR OUT_DIR
+    torchrun --nproc_per_node 2 tests/helpers/distributed_worker.py MICRO_DIR OUT_DIR
 
 Under torchrun, rank 0 saves each case's trained weights to OUT_DIR/<case>.pt plus a JSON of what the DDP / FSDP
 wrapping registered; the test compares them with the single-process weights.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402

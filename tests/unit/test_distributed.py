@@ -35,7 +35,7 @@ from pipeline import distributed
 import pipeline.model
 from pipeline import tuning
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
 
 
@@ -71,7 +71,7 @@ def two_processes(micro4_dir, tmp_path_factory):
     cores): (out dir, the ranks' reports, seconds)."""
     out = tmp_path_factory.mktemp("ddp")
     start = time.perf_counter()
-    torchrun([str(REPO / "tests" / "distributed_worker.py"), str(micro4_dir), str(out)], cwd=out, env=torchrun_env())
+    torchrun([str(REPO / "tests" / "helpers" / "distributed_worker.py"), str(micro4_dir), str(out)], cwd=out, env=torchrun_env())
     reports = json.loads((out / "report.json").read_text())
     return out, reports, time.perf_counter() - start
 

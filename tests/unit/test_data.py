@@ -19,7 +19,7 @@ from PIL import Image
 
 import pipeline.data
 
-FIXTURE_DIR = Path(__file__).parent / "fixtures" / "llava_format"
+FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "llava_format"
 SMALL = dict(num_captions=40, num_instruct=50, num_vqa_test=20)
 
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = {
     "seed": 0,

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 S3_KEY, S3_SECRET = "vr-test-access-key", "vr-test-secret-key"  # the throw-away store's only identity
 BUCKET = "visual-region"

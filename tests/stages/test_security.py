@@ -2,7 +2,7 @@
 safetensors, torch.load is weights-only, local services bind the loopback interface.
 
 The credential check runs a whole micro pipeline (`dvc repro`, every stage through `register`) with fake AWS keys in
-the environment of every command (tests/fault_workspace.py; it reuses the reference run of test_resume.py when both
+the environment of every command (tests/helpers/fault_workspace.py; it reuses the reference run of test_resume.py when both
 run in one session) and scans everything that run produced.
 """
 

@@ -1,7 +1,7 @@
 """Micro pipeline workspaces for the fault-injection tests (test_resume.py, test_security.py).
 
 A workspace is a copy of the pipeline code + a small params file in a temporary git + DVC repository, as in
-tests/test_pipeline_e2e.py. One uninterrupted reference run is built once per test session and snapshotted after
+tests/stages/test_pipeline_e2e.py. One uninterrupted reference run is built once per test session and snapshotted after
 each training stage, so that each fault case starts from the snapshot just before its fault and only re-runs what
 it must. Every `dvc` call runs with fake AWS credentials in the environment and its stdout/stderr are kept (see
 `Workspace.logs`) for the credential-leak checks.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY_BIN = str(Path(sys.executable).parent)
 
 FAKE_AWS = {

@@ -4,7 +4,7 @@ project workspace; one worker on queue `sweep` takes the parent, two workers on 
 one GPU each) take the children. The sweep runs the micro model, shrunk further, over `all` (in the parent),
 `uniform50` and the importance run `bi1` (children); then a second sweep adds a selection that fails in its child:
 it is named in the parent's error, not retried, and the two finished selections are not run again. The plan and the
-other pure parts: tests/test_sweep_plan.py. Every Prefect API call of these tests goes through the Prefect client
+other pure parts: tests/unit/test_sweep_plan.py. Every Prefect API call of these tests goes through the Prefect client
 (servers.prefect_api), which retries a busy server's 503s."""
 
 import contextlib
@@ -67,7 +67,7 @@ BROKEN_PARAMS = SWEEP_PARAMS.replace(
 # ---------------------------------------------------------------------------------------------------- no servers
 def test_the_sweep_needs_a_prefect_api(tmp_path):
     env = base_env(tmp_path)
-    proc = sh([PY, "-m", "flows.sweep", "--params-file", "params/micro.yaml"], Path(__file__).resolve().parent.parent,
+    proc = sh([PY, "-m", "flows.sweep", "--params-file", "params/micro.yaml"], Path(__file__).resolve().parents[2],
               env, check=False, timeout=120)
     assert proc.returncode == 2 and "error: the sweep submits flow runs to workers: set PREFECT_API_URL" in proc.stderr
 

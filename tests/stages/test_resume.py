@@ -1,6 +1,6 @@
 """Kill -9 the pipeline at three points; `dvc repro` again resumes and ends with the uninterrupted run's results.
 
-Micro profile in a temporary workspace (tests/fault_workspace.py): training stages of 12 steps with a checkpoint every
+Micro profile in a temporary workspace (tests/helpers/fault_workspace.py): training stages of 12 steps with a checkpoint every
 4 (checkpoints/<stage>/checkpoint-N), so there is a window to kill in after the first checkpoint. One uninterrupted
 reference run is shared by the three cases; each case starts from the reference's snapshot just before its fault.
 

@@ -33,6 +33,7 @@ from servers import BUCKET, PY, REPO, S3_KEY, S3_SECRET, base_env, dvc, make_toy
 
 BIG_FILES, BIG_FILE_BYTES = 8, 1024 * 1024  # 8 MiB to push, at RATE bytes/s: about 4 s of transfer
 RATE = 2_000_000
+pytestmark = pytest.mark.servers  # every test here starts (and stops) a real SeaweedFS or MLflow server
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

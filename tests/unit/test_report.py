@@ -11,7 +11,7 @@ from pipeline import config, report
 from pipeline.pruning_curve import curve_csv
 from pipeline.selection import select_layers
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def committed_rows(params):

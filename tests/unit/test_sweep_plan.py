@@ -15,7 +15,7 @@ from flows.sweep.plan import PlanError, Stage, dependency_order, overlaps, plan_
 from flows.workspace import PipelineError
 from pipeline import config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TUNE_DEPS = ("stages/tune.py", "pipeline/data", "pipeline/model.py", "models/projector", "data/prepared")
 
 

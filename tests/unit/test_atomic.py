@@ -21,7 +21,7 @@ import pytest
 
 from pipeline import storage
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def kill_mid_write(code: str, tmp_path: Path, cwd: Path | None = None, timeout: float = 120) -> int:

@@ -16,7 +16,7 @@ import yaml
 from flows.queue import selection_overrides
 from pipeline import config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def apply(raw: dict, overrides: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""Local stand-ins with the real shapes of LLaVA-1.5-7B's parts, for tests/test_real_shapes.py (no hub, no download).
+"""Local stand-ins with the real shapes of LLaVA-1.5-7B's parts, for tests/stages/test_real_shapes.py (no hub, no download).
 
 * ``build_vision``: a seeded random CLIPVisionModel shaped like openai/clip-vit-large-patch14-336 (336 px, patch 14:
   576 patch tokens + CLS, hidden 1024, 16 heads, MLP 4096), cut to `layers` layers, saved with that checkpoint's

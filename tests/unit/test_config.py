@@ -12,7 +12,7 @@ import yaml
 from pipeline import config
 from pipeline.selection import select_layers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted([ROOT / "params.yaml", *(ROOT / "params").glob("*.yaml")])
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "stages", "flows")  # the project's own code
 PLACEHOLDER = re.compile(r"\$\{[^}]+\}")  # ${key}, ${item.importance_from}, ...
 
