@@ -113,9 +113,15 @@ def healed_scores(points: list[dict]) -> dict[int, float]:
     return {0: points[0]["visual_score"], **healed} if healed else {}
 
 
-def figures(curves: dict, sweep: list[dict], importance: dict[str, dict], out_dir: Path) -> list[Path]:
+PRETRAINING_LOSSES = ("vision_pretrain", "lm_pretrain", "projector")  # plots/loss/<name>.csv of the shared stages
+
+
+def figures(curves: dict, sweep: list[dict], importance: dict[str, dict], out_dir: Path,
+            losses: dict[str, list[tuple[int, float]]] | None = None) -> list[Path]:
     """The report's PNG figures, written into `out_dir`: retention against tuned layers (the sweep), the pruning
-    curves, and each run's per-layer importance (`importance`: run -> its scores JSON). Returns their paths."""
+    curves, each run's per-layer importance (`importance`: run -> its scores JSON) and the training losses (`losses`:
+    plots/loss/<name>.csv as (step, loss) rows). One series per run, one scale per axis: they are also what `dvc plots
+    show` renders (offline, unlike its vega charts). Returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,14 +137,15 @@ def figures(curves: dict, sweep: list[dict], importance: dict[str, dict], out_di
         plt.close(fig)
         written.append(path)
 
-    if sweep:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+    if sweep:  # visual and text retention on axes of their own: text retention can be several times 1
+        fig, (visual_ax, text_ax) = plt.subplots(1, 2, figsize=(8, 3.5))
         xs = [r["tuned_layers"] for r in sweep]
-        ax.plot(xs, [r["visual_retention"] for r in sweep], "o-", label="visual retention")
-        ax.plot(xs, [r["text_retention"] for r in sweep], "s--", label="text QA retention")
-        ax.set(xlabel="tuned layers (uniform)", ylabel="score / `all` score", title="Layer-count sweep")
-        ax.axhline(1.0, color="grey", lw=0.5)
-        ax.legend()
+        visual_ax.plot(xs, [r["visual_retention"] for r in sweep], "o-")
+        visual_ax.set(xlabel="tuned layers (uniform)", ylabel="visual score / `all` score", title="Visual retention")
+        text_ax.plot(xs, [r["text_retention"] for r in sweep], "s--", color="tab:orange")
+        text_ax.set(xlabel="tuned layers (uniform)", ylabel="text QA / `all` text QA", title="Text QA retention")
+        for ax in (visual_ax, text_ax):
+            ax.axhline(1.0, color="grey", lw=0.5)
         save(fig, "retention_vs_layers.png")
     if curves:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -162,7 +169,25 @@ def figures(curves: dict, sweep: list[dict], importance: dict[str, dict], out_di
         ax.set(xlabel="decoder layer", ylabel="score / max", title=f"Per-layer importance: {run}")
         ax.legend(fontsize=6)
         save(fig, f"importance_{run}.png")
+    if losses:  # each pretraining loss on its own axis (different losses), the tune runs together on one
+        shared = [name for name in PRETRAINING_LOSSES if name in losses]
+        tuned = sorted(name for name in losses if name not in PRETRAINING_LOSSES)
+        panels = [[name] for name in shared] + ([tuned] if tuned else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+        for ax, names in zip(axes[0], panels):
+            for name in names:
+                ax.plot([step for step, _ in losses[name]], [loss for _, loss in losses[name]], lw=1, label=name)
+            ax.set(xlabel="step", ylabel="loss", title="tune" if names is tuned else names[0])
+            if names is tuned:
+                ax.legend(fontsize=6)
+        save(fig, "training_loss.png")
     return written
+
+
+def read_loss_csv(text: str) -> list[tuple[int, float]]:
+    """plots/loss/<name>.csv (`step,loss` with a header) as (step, loss) rows."""
+    rows = [line.split(",") for line in text.splitlines()[1:] if line.strip()]
+    return [(int(step), float(loss)) for step, loss, *_ in rows]
 
 
 def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str]) -> str:

@@ -32,7 +32,9 @@ def main(argv: list[str]) -> None:
     sweep = report.sweep_rows(rows, runs)
     checks = report.claims(rows, curves, report.claim_runs(runs))
     shutil.rmtree(paths.FIGURES, ignore_errors=True)
-    written = report.figures(curves, sweep, importance, paths.FIGURES)
+    losses = {name: report.read_loss_csv(paths.loss_plot(name).read_text())
+              for name in (*report.PRETRAINING_LOSSES, *runs) if paths.loss_plot(name).exists()}
+    written = report.figures(curves, sweep, importance, paths.FIGURES, losses)
     atomic_write_text(paths.RETENTION_PLOT, report.retention_csv(sweep))
     atomic_write_json(paths.SUMMARY, report.summary(rows, checks))
     links = [os.path.relpath(path, paths.REPORT.parent) for path in sorted(written)]
