@@ -1,7 +1,10 @@
 """The params schema: params.yaml is validated on load; an unknown key, a wrong type or a bad value is an error
 naming the key (e.g. `tune.runs.uniform25.budget`). The typed classes below *are* the schema, including the value
 objects other modules take (DataConfig for pipeline.data, ProfileSpec for pipeline.model, LoraSpec for
-pipeline.tuning), so loading params imports neither torch nor any library that does."""
+pipeline.tuning), so loading params imports neither torch nor any library that does.
+
+Longer than 400 lines on purpose: it is the whole schema, one class per params.yaml section, so that this one file
+is the reference for every key (docs/pipeline.md explains them)."""
 
 from __future__ import annotations
 

@@ -17,3 +17,12 @@ class ProjectError(Exception):
 class MissingInputError(ProjectError, FileNotFoundError):
     """An input the stage needs (a model directory, a params file, a dataset) is not there; the message names the path
     and what produces it."""
+
+
+class OutputError(ProjectError, OSError):
+    """An output could not be written (permission denied, disk full, a read-only file system); the message names the
+    output and the path the system refused."""
+
+
+class OutputBusyError(OutputError):
+    """Another process holds the lock on the outputs this stage would write; the message names its pid."""

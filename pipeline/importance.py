@@ -39,7 +39,10 @@ over the 2-D weights (the linear projections) of each decoder layer:
     param_angular_i = mean_W arccos(<W', W> / (|W'| |W|)) / pi
 
 LoRA-wrapped models must be merged first (``merge_and_unload``): an unmerged adapter leaves the base weight unchanged.
-"""
+
+
+Longer than 400 lines on purpose: every score shares one forward pass with hooks over the calibration batches (or one
+pass over the parameters), and keeping them together keeps their definitions side by side and comparable."""
 
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import ProjectError
@@ -149,6 +151,28 @@ def end_stale_runs(mlflow, parent_id: str, *, kind: str, run: str) -> list[str]:
                     "the server): set to KILLED", r.info.run_id, kind, run)
         ended.append(r.info.run_id)
     return ended
+
+
+def error_line(err: BaseException) -> str:
+    """`<Type>: <first line of the message>`, as a stage logs a project error (at most 1,000 characters)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:1000]
+
+
+@contextmanager
+def failure_recorded(mlflow) -> Iterator[None]:
+    """Around the work of the active MLflow run: when it fails, tag the run `vr_error` with the one-line reason
+    (`error_line`); `mlflow.start_run`'s exit then ends it FAILED. Not when the failure is the tracking server going
+    away (`outage`): the tag could not be sent, and trying would only add MLflow's retries."""
+    try:
+        yield
+    except BaseException as err:
+        if outage(err) is None:
+            try:
+                mlflow.set_tag("vr_error", error_line(err))
+            except Exception as tag_err:  # e.g. a tracking database that became read-only: the run still ends FAILED
+                log.warning("could not tag the MLflow run with its error (%s): %s", error_line(err), tag_err)
+        raise
 
 
 _CONNECTION_FAILURES = (

@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from pipeline.config import ParamsError, TrainParams
-from pipeline.data.encoding import ModalityLengthSampler, VisualCollator, modality_lengths, num_image_tokens, visual_samples
+from pipeline.data.encoding import (
+    ModalityLengthSampler, VisualCollator, check_supervision, modality_lengths, num_image_tokens, visual_samples,
+)
 from pipeline.data.images import to_rgb
+from pipeline.errors import ProjectError
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,35 @@ class TrainResult:
     train_seconds: float
     peak_memory_bytes: int
     loss_history: list[dict] = field(default_factory=list)
-    final_loss: float = float("nan")
+    final_loss: float | None = None  # None when no step was logged (fewer steps than logging_steps)
     # Set when the model was sharded (FSDP / DeepSpeed ZeRO-3): the trained weights, gathered whole on rank 0 (CPU);
     # {} on the other ranks. None otherwise: the model passed to `train` then holds them.
     full_state_dict: dict | None = field(default=None, repr=False)
+
+
+class NonFiniteLossError(ProjectError, RuntimeError):
+    """The training loss became NaN or infinite: training stopped, nothing was written; the message names the step and
+    the params to change."""
+
+
+def _loss_guard(params_key: str):
+    """A TrainerCallback that stops training with a NonFiniteLossError at the first logged loss that is not finite
+    (the Trainer's `logging_nan_inf_filter` is off in `train`, so a NaN step shows in the next logged loss)."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class LossGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "train_loss"):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"the training loss is {value} at step {state.global_step}: training diverged (or a batch "
+                        f"had no answer token left after {params_key}.max_length), nothing was written; lower the "
+                        f"learning rate, raise {params_key}.max_length, or check {params_key}.bf16 and the data")
+
+    return LossGuard()
 
 
 def peak_memory_bytes() -> int:
@@ -134,6 +162,7 @@ def train(
     seed: int,
     fingerprint: dict,
     lengths: list[int] | None = None,
+    params_key: str = "train",
 ) -> TrainResult:
     """Run the transformers Trainer with our optimizer (trainable parameters only), resuming from the latest
     checkpoint in `ckpt_dir` when it was written for the same `fingerprint`.
@@ -142,11 +171,14 @@ def train(
     group and the DDP / FSDP / DeepSpeed wrapping from `params.distributed`, rank 0 alone prepares `ckpt_dir` and
     writes the checkpoints, and every rank resumes from the same one. After a sharded run the trained weights are
     returned gathered in `TrainResult.full_state_dict` (the model object itself is left sharded). `lengths` (one per
-    sample, negative for text-only ones): batches grouped by modality and length (data.encoding.ModalityLengthSampler)."""
+    sample, negative for text-only ones): batches grouped by modality and length (data.encoding.ModalityLengthSampler).
+    `params_key` (e.g. `tune.train`): where `params` came from, named by the errors. Zero steps are refused
+    (ParamsError) and a non-finite loss stops training (NonFiniteLossError)."""
     from transformers import TrainingArguments, set_seed
 
     from pipeline import distributed
 
+    check_steps(params, params_key)
     set_seed(seed)
     cuda = torch.cuda.is_available()
     if params.gradient_checkpointing:
@@ -164,6 +196,7 @@ def train(
         lr_scheduler_type="cosine",
         weight_decay=params.weight_decay,
         logging_steps=params.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN step must show in the logged loss (see _loss_guard); no effect otherwise
         save_strategy="steps",
         save_steps=params.save_steps,
         save_total_limit=1,
@@ -190,14 +223,18 @@ def train(
                                         seed=seed)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collator, own_optimizer=optimizer,
-        train_sampler=sampler,
+        train_sampler=sampler, callbacks=[_loss_guard(params_key)],
     )
     if distributed.is_distributed() and params.distributed.strategy == "fsdp" and not trainer.is_fsdp_enabled:
         raise ParamsError(  # accelerate silently falls back to DDP where it has no FSDP (on CPU processes)
             "distributed.strategy 'fsdp' needs GPUs (accelerate shards only on accelerators); use 'ddp' on CPU"
         )
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    except BaseException:
+        _close_progress_bars(trainer)  # the error's log line then starts a line of its own
+        raise
     seconds = time.perf_counter() - start
     full_state = _gather_full_state(trainer) if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else None
     history = [
@@ -210,9 +247,24 @@ def train(
         train_seconds=seconds,
         peak_memory_bytes=peak_memory_bytes(),
         loss_history=history,
-        final_loss=history[-1]["loss"] if history else float("nan"),
+        final_loss=history[-1]["loss"] if history else None,
         full_state_dict=full_state,
     )
+
+
+def _close_progress_bars(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
+
+
+def check_steps(params: TrainParams, params_key: str) -> None:
+    """Zero steps would train nothing and still write a model: a ParamsError naming the key."""
+    if params.max_steps < 1:
+        raise ParamsError(f"{params_key}.max_steps is {params.max_steps}: nothing would be trained; set it to at least 1")
 
 
 def _gather_full_state(trainer) -> dict:
@@ -312,6 +364,29 @@ def finish(ckpt_dir: Path) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
+@dataclass
+class VisualSamples:
+    """The training samples of a visual stage, checked to teach something (`prepare_visual`)."""
+
+    samples: Any  # torch Dataset (lazy) or datasets.Dataset (eager)
+    truncated: int | None  # samples cut at max_length (None when lazy)
+    lengths: list[int] | None  # per sample, for group_by_modality_length
+
+
+def prepare_visual(dataset: datasets.Dataset, processor, params: TrainParams, *, data_name: str = "dataset",
+                   params_key: str = "train") -> VisualSamples:
+    """The samples `train_visual` trains on, refused before anything starts (a ParamsError or DataError naming the
+    params key) when training could learn nothing: zero steps, no answer token left after max_length, no image
+    record. A stage calls it before its MLflow run starts, then hands the result to `train_visual`."""
+    check_steps(params, params_key)
+    samples, truncated = visual_samples(dataset, processor, max_length=params.max_length, on_overflow=params.on_overflow,
+                                        preprocess=params.preprocess, source=data_name, params_key=params_key)
+    check_supervision(dataset, samples, processor, max_length=params.max_length, on_overflow=params.on_overflow,
+                      source=data_name, params_key=params_key)
+    lengths = modality_lengths(dataset, num_image_tokens(processor)) if params.group_by_modality_length else None
+    return VisualSamples(samples, truncated, lengths)
+
+
 def train_visual(
     model: nn.Module,
     processor,
@@ -327,21 +402,23 @@ def train_visual(
     reload: Callable[[], nn.Module] | None = None,
     data_name: str = "dataset",
     params_key: str = "train",
+    prepared: VisualSamples | None = None,
 ) -> tuple[nn.Module | None, TrainResult, dict]:
     """Stage 1 and stage 2 alike: apply the declared trainability, train on visual conversations, and return
     (a plain model ready to save, with LoRA merged; the training result; the trainability report).
 
     After a sharded run (FSDP / ZeRO-3, see `train`) `model` is left sharded: rank 0 builds the returned model from
     `reload()` (a fresh copy of the untrained model, e.g. loaded again from disk) and the gathered weights, and the
-    other ranks get None. `data_name` and `params_key` (e.g. `tune.train`) are named by the errors about `dataset`."""
+    other ranks get None. `data_name` and `params_key` (e.g. `tune.train`) are named by the errors about `dataset`.
+    `prepared`: `prepare_visual`'s result for `dataset`, when the caller checked it already (else done here)."""
     from pipeline.tuning import (
         apply_trainability, build_optimizer, disable_gradient_checkpointing, install_backward_stop, merge_for_export,
         optimizer_state_bytes, trainability_report,
     )
 
-    samples, truncated = visual_samples(dataset, processor, max_length=params.max_length, on_overflow=params.on_overflow,
-                             preprocess=params.preprocess, source=data_name, params_key=params_key)
-    lengths = modality_lengths(dataset, num_image_tokens(processor)) if params.group_by_modality_length else None
+    if prepared is None:
+        prepared = prepare_visual(dataset, processor, params, data_name=data_name, params_key=params_key)
+    samples, truncated, lengths = prepared.samples, prepared.truncated, prepared.lengths
     torch.manual_seed(seed)  # LoRA adapters are initialised from the global RNG
     trainable = apply_trainability(model, trainability)
     stop = install_backward_stop(trainable)  # no graph below the lowest trainable layer when nothing upstream trains
@@ -350,7 +427,7 @@ def train_visual(
     collator = VisualCollator(pad_token_id=processor.tokenizer.pad_token_id)
     result = train(
         trainable, samples, collator=collator, optimizer=optimizer, params=params, ckpt_dir=ckpt_dir, seed=seed,
-        fingerprint=fingerprint, lengths=lengths,
+        fingerprint=fingerprint, lengths=lengths, params_key=params_key,
     )
     report["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     stop.remove()

@@ -50,13 +50,15 @@ def run_params(params, name: str, layers: list[int], key: dict, *, processes: in
 @contextmanager
 def mlflow_run(mlflow, key: dict, name: str, logged: dict) -> Iterator:
     """The run's MLflow run, nested in the pipeline's parent run for `key`, with its params `logged`; an earlier
-    attempt of the same run still RUNNING (its process died) is ended as KILLED first."""
+    attempt of the same run still RUNNING (its process died) is ended as KILLED first. A failure inside ends the run
+    FAILED, tagged `vr_error` with the one-line reason (tracking.failure_recorded)."""
     parent = tracking.parent_run_id(mlflow, key)
     with mlflow.start_run(run_id=parent):
         tracking.end_stale_runs(mlflow, parent, kind="tune", run=name)
         with mlflow.start_run(run_name=name, nested=True, tags=tracking.run_tags("tune", name)) as active:
-            mlflow.log_params(tracking.scrub(logged))
-            yield active
+            with tracking.failure_recorded(mlflow):
+                mlflow.log_params(tracking.scrub(logged))
+                yield active
 
 
 def metrics(result, report: dict) -> dict:

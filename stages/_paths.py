@@ -48,3 +48,9 @@ def importance_scores(run: str) -> Path:
 
 def importance_plot(run: str) -> Path:
     return IMPORTANCE / f"{run}.csv"
+
+
+def output_lock(stage: str, run: str | None = None) -> Path:
+    """The lock a training stage holds on its outputs and checkpoints while it runs (not tracked, beside the
+    checkpoints): checkpoints/<stage>.lock, or checkpoints/<stage>/<run>.lock for a tune run."""
+    return CHECKPOINTS / stage / f"{run}.lock" if run else CHECKPOINTS / f"{stage}.lock"

@@ -17,51 +17,57 @@ from stages._launch import run_launchable
 def main(argv: list[str]) -> None:
     name = run_name(argv, "stages.tune")
 
-    from pipeline import data, distributed, model, tracking, training, tune_run
-    from pipeline.storage import atomic_write_json, atomic_write_text
+    from pipeline import data, distributed, model, storage, tracking, training, tune_run
 
     params = inputs.load_params()
     spec, cfg = params.tune.run(name), params.tune
     out, ckpt = paths.tuned_model(name), paths.CHECKPOINTS / "tune" / name
+    metrics_path, plot_path = paths.stage_metrics("tune", name), paths.loss_plot(name)
     main_rank = distributed.is_main()  # True without a launcher
-    scores = None
-    if spec.strategy == "importance":  # the top-scored layers of another run (its prune stage scored them)
-        path, metric = paths.importance_scores(spec.importance_from), spec.importance_metric
-        scores = inputs.read_json(path, inputs.stage_name(params, "prune", spec.importance_from), (metric,))[metric]
-
-    # The key hashes all of data/prepared: only rank 0 needs it (MLflow, and the checkpoint fingerprint it checks).
-    key = tracking.pipeline_key(params) if main_rank else {"git_commit": "", "data_hash": ""}
-    dtype = inputs.torch_dtype(params.model.dtype)
-    projector = inputs.need(paths.PROJECTOR, "pretrain_projector")
-    vlm, processor = model.load_vlm(projector, dtype=dtype)
-    layers = tune_run.resolve_layers(params.tune, name, model.num_decoder_layers(vlm), scores)
-    visual = inputs.prepared(data.VISUAL_DIR)["instruct_train"]
-    logged = tune_run.run_params(params, name, layers, key, processes=distributed.world_size())
-
-    # The outputs are written last, once the MLflow run has ended: a failure before (training, or the tracking
-    # server going away) leaves none of them, and the run FAILED (or, if the server is gone, RUNNING until the
-    # re-run's `end_stale_runs` sets it to KILLED).
-    with ExitStack() as tracked:
+    with ExitStack() as held:
+        if main_rank:  # one writer of this run's outputs and checkpoints: a second process fails at once
+            held.enter_context(storage.exclusive_lock(paths.output_lock("tune", name), f"tune run {name!r}"))
+        scores = None
+        if spec.strategy == "importance":  # the top-scored layers of another run (its prune stage scored them)
+            path, metric = paths.importance_scores(spec.importance_from), spec.importance_metric
+            scores = inputs.read_json(path, inputs.stage_name(params, "prune", spec.importance_from), (metric,))[metric]
+        # The key hashes all of data/prepared: only rank 0 needs it (MLflow, and the checkpoint fingerprint).
+        key = tracking.pipeline_key(params) if main_rank else {"git_commit": "", "data_hash": ""}
+        dtype = inputs.torch_dtype(params.model.dtype)
+        projector = inputs.need(paths.PROJECTOR, "pretrain_projector")
+        vlm, processor = model.load_vlm(projector, dtype=dtype)
+        layers = tune_run.resolve_layers(params.tune, name, model.num_decoder_layers(vlm), scores)
+        data_name = f"{paths.PREPARED / data.VISUAL_DIR}, split 'instruct_train'"
+        visual = inputs.prepared(data.VISUAL_DIR)["instruct_train"]
+        # Refused here, before the MLflow run or any output: a run that could learn nothing (training.prepare_visual).
+        samples = training.prepare_visual(visual, processor, cfg.train, data_name=data_name, params_key="tune.train")
+        logged = tune_run.run_params(params, name, layers, key, processes=distributed.world_size())
+        # Inside the MLflow run: training, the record, then the outputs (all or none: storage.write_together). Any
+        # failure ends the run FAILED with its reason; the previous metrics are gone first, so none outlives its model.
         if main_rank:
+            for stale in (metrics_path, plot_path):
+                storage.remove_output(stale)
             mlflow = tracking.setup(params.mlflow.experiment)
-            mlrun = tracked.enter_context(tune_run.mlflow_run(mlflow, key, name, logged))
+            mlrun = held.enter_context(tune_run.mlflow_run(mlflow, key, name, logged))
         tuned, result, report = training.train_visual(
             vlm, processor, visual, trainability=tune_run.trainability(cfg, spec, layers), projector_lr=cfg.projector_lr,
             lm_lr=cfg.lm_lr, params=cfg.train, ckpt_dir=ckpt, seed=params.seed,
             fingerprint={"stage": "tune", "run": logged, "train": cfg.train.model_dump()},
-            reload=lambda: model.load_vlm(projector, dtype=dtype)[0],
-            data_name=f"{paths.PREPARED / data.VISUAL_DIR}, split 'instruct_train'", params_key="tune.train",
+            reload=lambda: model.load_vlm(projector, dtype=dtype)[0], data_name=data_name, params_key="tune.train",
+            prepared=samples,
         )
         if main_rank:
             metrics = tune_run.metrics(result, report)
             selection = tune_run.selection(name, layers, model.num_decoder_layers(tuned), mlrun.info.run_id, logged)
             tune_run.log_result(mlflow, result, metrics, report, selection)
+            side_files = {paths.selection(name).name: selection, "trainability.json": report}
+            storage.write_together({
+                out: lambda: model.save_vlm(tuned, processor, out, extra_json=side_files),
+                plot_path: lambda: storage.atomic_write_text(plot_path, training.loss_csv(result.loss_history)),
+                metrics_path: lambda: storage.atomic_write_json(metrics_path, metrics),
+            })
     if main_rank:
-        side_files = {paths.selection(name).name: selection, "trainability.json": report}
-        model.save_vlm(tuned, processor, out, extra_json=side_files)
-        training.finish(ckpt)
-        atomic_write_text(paths.loss_plot(name), training.loss_csv(result.loss_history))
-        atomic_write_json(paths.stage_metrics("tune", name), metrics)
+        training.finish(ckpt)  # the checkpoints go once the model is written and its MLflow run ended FINISHED
     distributed.shutdown()  # the other ranks wait here for rank 0's outputs, then every process leaves the group
 
 

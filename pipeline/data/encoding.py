@@ -33,6 +33,7 @@ from pipeline.data.schema import DataError
 log = logging.getLogger(__name__)
 
 EAGER_MAX_BYTES = 256 << 20
+SUPERVISION_SAMPLE = 512  # lazy samples: how many records (evenly spaced) `check_supervision` encodes to count
 
 
 def num_image_tokens(processor) -> int:
@@ -216,6 +217,44 @@ def visual_samples(
     log.info("%s: %d records, encoded lazily in the DataLoader", source, len(records))
     return ConversationDataset(records, processor, max_length=max_length, on_overflow=on_overflow, source=source,
                                params_key=params_key), None
+
+
+def check_supervision(
+    records: datasets.Dataset, samples, processor, *, max_length: int, on_overflow: str, source: str = "dataset",
+    params_key: str = "train",
+) -> None:
+    """Refuse samples that teach nothing: no answer token (label != IGNORE_INDEX) left after `max_length` (a
+    ParamsError naming `<params_key>.max_length`), or no record with an image (a DataError naming the dataset's
+    field 'image'): a visual stage trains on images. Eager samples are counted whole, from their Arrow columns; lazy
+    ones on SUPERVISION_SAMPLE evenly spaced records, tokenised here without opening their images."""
+    if len(records) == 0:
+        raise DataError(f"{source}: no records to train on ({params_key})", path=source)
+    if isinstance(samples, datasets.Dataset):  # eager: every sample, already encoded
+        table = samples.with_format("arrow")[:]
+        labels = pc.list_flatten(table.column("labels"))
+        answer_tokens = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+        image_records = int(pc.sum(table.column("has_image")).as_py() or 0)
+        scope = f"all {len(records)} records"
+    else:
+        indices = sorted({int(i) for i in np.linspace(0, len(records) - 1, min(len(records), SUPERVISION_SAMPLE))})
+        encoder = _Encoder(processor, max_length=max_length, on_overflow=on_overflow, source=source,
+                           params_key=params_key)
+        text = records.select_columns(["id", "conversations"]).select(indices)
+        answer_tokens = 0
+        for index, row in zip(indices, text):
+            _, labels, _ = encoder(index, row["id"], row["conversations"])
+            answer_tokens += sum(label != IGNORE_INDEX for label in labels)
+        images = records.select_columns(["image"]).with_format("arrow")[indices].column("image")
+        image_records = int(pc.sum(pc.is_valid(images)).as_py() or 0)
+        scope = f"{len(indices)} records sampled evenly from {len(records)}"
+    if answer_tokens == 0:
+        raise ParamsError(f"{params_key}.max_length {max_length} leaves no answer token to learn from in {source} "
+                          f"({scope}): every answer is cut off; raise {params_key}.max_length")
+    if image_records == 0:
+        raise DataError(f"{source}: no record has an image (field 'image', {scope}): a visual stage ({params_key}) "
+                        "would train on text only", path=source, field="image", reason="no_images")
+    log.info("%s: %d answer tokens to learn from and %d image records in %s", source, answer_tokens, image_records,
+             scope)
 
 
 @dataclass

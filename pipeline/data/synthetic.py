@@ -1,7 +1,10 @@
 """The tiny world, generated offline and deterministically from a seed: synthetic shape scenes drawn with Pillow
 (captions for projector pretraining, VQA for instruction tuning, a held-out VQA test set), the 8x8 handwritten
 digits bundled with scikit-learn, a text corpus made of CPython's ``pydoc_data`` documentation topics, and a small
-text QA set of memorisable facts (used to measure forgetting)."""
+text QA set of memorisable facts (used to measure forgetting).
+
+Longer than 400 lines on purpose: the scenes, questions, digits and texts share their drawing helpers and seeded
+random streams (`_rng`), and keeping the generators in one module keeps what shapes the prepared bytes in one place."""
 
 from __future__ import annotations
 

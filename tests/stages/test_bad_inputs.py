@@ -248,13 +248,81 @@ def test_sample_over_max_length_refused_by_tune_names_the_tune_key(tmp_path, pre
 def test_sample_over_max_length_truncated_and_counted_by_default(tmp_path, prepared, micro4_dir):
     link(tmp_path, "data/prepared", prepared)
     link(tmp_path, "models/projector", micro4_dir)
-    proc = stage(tmp_path, "tune", params(**{"tune.train.max_length": 25}), "--run", "x")
+    proc = stage(tmp_path, "tune", params(**{"tune.train.max_length": 36}), "--run", "x")
     assert proc.returncode == 0, proc.stderr[-4000:]
     n = json.loads((tmp_path / "metrics/tune/x.json").read_text())["truncated_samples"]
     total = len(__import__("datasets").load_from_disk(str(prepared / "visual"))["instruct_train"])
-    assert n == total  # every instruct sample (16 image tokens + prompt + answer) is over 25 tokens
+    assert 0 < n <= total  # cut, but every sample keeps answer tokens (at 28 none would: refused, above)
     assert (f"{n} of {total} samples of data/prepared/visual, split 'instruct_train' were longer than "
-            "tune.train.max_length 25 and were truncated") in proc.stderr
+            "tune.train.max_length 36 and were truncated") in proc.stderr
+
+
+# ------------------------------------------------------------------------- runs that would learn nothing (issue 18)
+NO_TUNE_OUTPUTS = ("models/tuned/x", "metrics/tune/x.json", "plots/loss/x.csv", "checkpoints/tune/x", "mlflow.db")
+
+
+@pytest.mark.parametrize("preprocess", ["eager", "lazy"])
+def test_max_length_that_cuts_every_answer_is_refused_before_mlflow(tmp_path, prepared, micro4_dir, preprocess):
+    """max_length 28 leaves 16 image tokens + the prompt: no answer token survives, the loss would be 0 or NaN."""
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    raw = params(**{"tune.train.max_length": 28, "tune.train.preprocess": preprocess})
+    total = len(__import__("datasets").load_from_disk(str(prepared / "visual"))["instruct_train"])
+    scope = f"all {total} records" if preprocess == "eager" else f"{total} records sampled evenly from {total}"
+    assert_refused(stage(tmp_path, "tune", raw, "--run", "x"), tmp_path,
+                   "ParamsError: tune.train.max_length 28 leaves no answer token to learn from in data/prepared/visual, "
+                   f"split 'instruct_train' ({scope}): every answer is cut off", outputs=NO_TUNE_OUTPUTS)
+
+
+@pytest.mark.parametrize("module, key, outputs", [
+    ("tune", "tune.train", NO_TUNE_OUTPUTS),
+    ("pretrain_projector", "pretrain_projector.train",
+     ("models/projector", "metrics/projector.json", "plots/loss/projector.csv", "checkpoints/pretrain_projector")),
+])
+def test_zero_steps_are_refused(tmp_path, prepared, micro4_dir, module, key, outputs):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector" if module == "tune" else "models/base", micro4_dir)
+    raw = params(**{f"{key}.max_steps": 0})
+    assert_refused(stage(tmp_path, module, raw, *(["--run", "x"] if module == "tune" else [])), tmp_path,
+                   f"ParamsError: {key}.max_steps is 0: nothing would be trained", outputs=outputs)
+
+
+@pytest.fixture(scope="module")
+def text_only_prepared(tmp_path_factory, prepared) -> Path:
+    """`prepared` with every record of every visual split stripped of its image (a "visual" tune on text only)."""
+    import datasets
+
+    out = tmp_path_factory.mktemp("text-only") / "prepared"
+    shutil.copytree(prepared, out)
+    visual = datasets.load_from_disk(str(prepared / "visual"))
+    stripped = datasets.DatasetDict({split: ds.map(lambda r: {"image": None}, features=ds.features)
+                                     for split, ds in visual.items()})
+    shutil.rmtree(out / "visual")
+    stripped.save_to_disk(str(out / "visual"))
+    return out
+
+
+@pytest.mark.parametrize("module", ["tune", "pretrain_projector"])
+def test_visual_stage_over_data_without_images_is_refused(tmp_path, text_only_prepared, micro4_dir, module):
+    link(tmp_path, "data/prepared", text_only_prepared)
+    link(tmp_path, "models/projector" if module == "tune" else "models/base", micro4_dir)
+    split, key = ("instruct_train", "tune.train") if module == "tune" else ("caption_train", "pretrain_projector.train")
+    proc = stage(tmp_path, module, params(), *(["--run", "x"] if module == "tune" else []))
+    assert_refused(proc, tmp_path, f"DataError: data/prepared/visual, split '{split}': no record has an image "
+                   f"(field 'image', all ", f"a visual stage ({key}) would train on text only",
+                   outputs=NO_TUNE_OUTPUTS if module == "tune" else ("models/projector", "metrics/projector.json"))
+
+
+@pytest.mark.parametrize("change", [
+    {"tune.lm_lr": 1e30, "tune.projector_lr": 1e30},  # the weights blow up within a few steps
+    {"tune.train.max_length": 30},  # 2 answer tokens left in 95 samples: a batch without any has a NaN loss
+], ids=["lr-1e30", "max_length-30"])
+def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, prepared, micro4_dir, change):
+    link(tmp_path, "data/prepared", prepared)
+    link(tmp_path, "models/projector", micro4_dir)
+    raw = params(**change, **{"tune.train.max_steps": 6, "tune.train.logging_steps": 1, "tune.train.save_steps": 100})
+    assert_refused(stage(tmp_path, "tune", raw, "--run", "x"), tmp_path, "NonFiniteLossError: the training loss is ",
+                   "training diverged", "nothing was written", outputs=("models/tuned/x", "metrics/tune/x.json"))
 
 
 # --------------------------------------------------------------------------------------- params: stage tune
