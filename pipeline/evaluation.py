@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import data as D
+from pipeline import data
 from pipeline.data.chat import processor_inputs
 
 
@@ -96,7 +96,7 @@ def text_qa_accuracy(model, tokenizer, qa: list[dict], *, max_new_tokens: int, b
     hits: dict[str, list[int]] = defaultdict(list)
     for start in range(0, len(qa), batch_size):
         batch = qa[start : start + batch_size]
-        inputs = tokenizer([D.text_qa_prompt(r["question"]) for r in batch], return_tensors="pt", padding=True).to(model.device)
+        inputs = tokenizer([data.text_qa_prompt(r["question"]) for r in batch], return_tensors="pt", padding=True).to(model.device)
         answers, _ = _generate(model, dict(inputs), max_new_tokens, tokenizer)
         for r, pred in zip(batch, answers):
             hits[r["qtype"]].append(int(normalise(pred) == normalise(r["answer"])))

@@ -103,10 +103,10 @@ def assert_refused(proc, ws: Path, *needles: str, outputs: tuple[str, ...] = (),
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A small data/prepared (synthetic scenes, digits, text) for the stages that read it."""
-    from pipeline import data as D
+    from pipeline import data
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    D.prepare_all(D.DataConfig(**BASE["data"]), out)
+    data.prepare_all(data.DataConfig(**BASE["data"]), out)
     return out
 
 

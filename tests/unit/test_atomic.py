@@ -168,12 +168,12 @@ def test_save_vlm_killed_while_saving_keeps_the_previous_model(tmp_path, micro_d
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     kill_mid_write(f"""
-        from pipeline import model as M
-        model, processor = M.load_vlm({str(micro_dir)!r})
+        import pipeline.model
+        model, processor = pipeline.model.load_vlm({str(micro_dir)!r})
         def slow_save(*args, **kwargs):
             mid_write()
         processor.save_pretrained = slow_save
-        M.save_vlm(model, processor, {str(out)!r}, extra_json={{"selection.json": {{"layers": [1]}}}})
+        pipeline.model.save_vlm(model, processor, {str(out)!r}, extra_json={{"selection.json": {{"layers": [1]}}}})
     """, tmp_path)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(leftovers(out)) == 1
