@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from prefect.runtime import flow_run
 
 from flows.services import ServiceError, check_http, s3_client
 from pipeline.errors import ProjectError
+from pipeline.storage import exclusive_lock
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = Path(".dvc/tmp/vr-pipeline.lock")
@@ -78,23 +77,16 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 # ------------------------------------------------------------------------------------------------- the lock
 @contextlib.contextmanager
 def workspace_lock(workspace: Path) -> Iterator[None]:
-    """An exclusive, non-blocking lock on `<workspace>/.dvc/tmp/vr-pipeline.lock`; released when the holder exits,
-    even if it crashes (flock), so a stale file never blocks."""
+    """An exclusive, non-blocking lock on `<workspace>/.dvc/tmp/vr-pipeline.lock` (pipeline.storage.exclusive_lock);
+    released when the holder exits, even if it crashes, so a stale file never blocks."""
     path = workspace / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown holder"
-            raise WorkspaceBusy(f"workspace {workspace} is busy: another pipeline run holds {path} ({holder}); "
-                                "wait for it to finish, or use another clone") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+
+    def busy(holder: str) -> WorkspaceBusy:
+        return WorkspaceBusy(f"workspace {workspace} is busy: another pipeline run holds {path} ({holder}); "
+                             "wait for it to finish, or use another clone")
+
+    with exclusive_lock(path, f"workspace {workspace}", busy):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 # ------------------------------------------------------------------------------------------------- commands

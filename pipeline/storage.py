@@ -208,10 +208,12 @@ def writing(out: str | os.PathLike) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, what: str,
+                   busy: Callable[[str], Exception] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if needed; it names its holder) while the block runs: the one writer
-    of `what` (a stage's outputs). A second process fails at once with an OutputBusyError naming the holder's pid.
-    flock: the kernel releases the lock when the holder exits, even killed, so a stale file never blocks."""
+    of `what` (a stage's outputs). A second process fails at once with an OutputBusyError naming the holder's pid, or
+    with `busy(holder)` when given (the pipeline flow's workspace lock). flock: the kernel releases the lock when the
+    holder exits, even killed, so a stale file never blocks."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +223,8 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
+            if busy is not None:
+                raise busy(holder) from None
             raise OutputBusyError(f"{what} is being written by another process ({holder}; lock {path}): wait for it "
                                   "to finish, or stop it") from None
         os.ftruncate(fd, 0)
