@@ -61,10 +61,19 @@ prefect-server: setup
 	python -m flows.services prefect --port $(PREFECT_PORT)
 
 # Register prefect.yaml's deployments (work pool $(POOL), process type) with the Prefect server at PREFECT_API_URL.
+# They run in a workspace of their own, never in this checkout: DEPLOY_WORKSPACE, a clone of this checkout's HEAD
+# commit with its .dvc/config.local (flows/workspace.py prepare; `make deploy` again moves it to a new commit).
+# DEPLOY_WORKSPACE= (empty): VR_WORKSPACE is left to each worker's environment (workers on other machines).
+DEPLOY_WORKSPACE ?= $(CURDIR)/.services/workspace
 deploy: setup
 	PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
 		PREFECT_API_URL=$(PREFECT_API_URL) prefect work-pool create $(POOL) --type process
-	PREFECT_API_URL=$(PREFECT_API_URL) VR_WORKSPACE=$(CURDIR) prefect deploy --all
+ifneq ($(DEPLOY_WORKSPACE),)
+	python -m flows.workspace prepare $(DEPLOY_WORKSPACE)
+	PREFECT_API_URL=$(PREFECT_API_URL) VR_WORKSPACE=$(DEPLOY_WORKSPACE) prefect deploy --all
+else
+	PREFECT_API_URL=$(PREFECT_API_URL) env -u VR_WORKSPACE prefect deploy --all
+endif
 
 # A process worker for pool $(POOL): run it on the GPU machine, in its clone (CUDA_VISIBLE_DEVICES per deployment).
 worker: setup

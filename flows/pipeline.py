@@ -9,8 +9,11 @@
 5. `dvc push`;
 6. a markdown artifact: the report, the MLflow run links and the registry's model versions.
 
-The stages themselves become flow runs of their own when PREFECT_API_URL is set (flows/stages.py); the workspace steps
-(the lock, `dvc` commands, their retries, the remote's check) are flows/workspace.py's.
+The stages themselves become flow runs of their own when PREFECT_API_URL is set, each a child of this flow's run
+(flows/stages.py); the workspace steps (the lock, `dvc` commands, their retries, the remote's check, the deployments'
+own workspace) are flows/workspace.py's. A deployment's run refuses a workspace that `make deploy` did not prepare
+(it may be someone's checkout). A known error (pipeline.errors.ProjectError) ends the run Failed with its one-line
+message, without a traceback; anything else, a bug, keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.exceptions import FailedRun
+from prefect.states import Failed
 
-from flows.services import check_prefect_api
+from flows.services import check_prefect_api, one_line_known_errors
 from flows.workspace import (
-    REPO, PipelineError, check_endpoints, dvc, dvc_pull, dvc_push, start_from_committed_params, workspace_lock,
+    REPO, PipelineError, check_endpoints, dvc, dvc_pull, dvc_push, require_deployment_workspace,
+    start_from_committed_params, workspace_lock,
 )
 from pipeline.errors import ProjectError
+
+one_line_known_errors()  # a known error is one line in the run's log (a worker imports this module to run the flow)
 
 ARTIFACT_KEY = "visual-region-summary"
 
@@ -68,13 +77,13 @@ def mlflow_links(workspace: Path) -> list[tuple[str, str]]:
 
     client = mlflow.MlflowClient(uri)
     links = []
-    for sel in sorted((workspace / "models" / "tuned").glob("*/selection.json")):
-        run_id = json.loads(sel.read_text()).get("mlflow_run_id")
+    for record in sorted((workspace / "metrics" / "tune").glob("*.json")):  # stages/_paths.stage_metrics
+        run_id = json.loads(record.read_text()).get("mlflow_run_id")
         try:
             exp = client.get_run(run_id).info.experiment_id
         except Exception:  # noqa: BLE001 (a link is a convenience; the summary goes on without it)
             continue
-        links.append((sel.parent.name, f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"))
+        links.append((record.stem, f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"))
     return links
 
 
@@ -118,16 +127,24 @@ def pipeline(workspace: str | None = None, params_file: str | None = None, overr
         budget: 0.25}", "~tune.runs.uniform25"] (`~key` deletes);
     remote: the DVC remote (default: the workspace's default remote); experiment: a name for `dvc exp run`."""
     ws = Path(workspace or REPO).resolve()
-    if not (ws / "dvc.yaml").is_file():
-        raise PipelineError(f"workspace {ws} has no dvc.yaml")
-    with workspace_lock(ws):
-        check_endpoints(ws, remote, needs_remote=pull or push)
-        if pull:
-            dvc_pull(ws, remote, allow_missing=True)
-        command = reproduce(ws, params_file, list(overrides or []), experiment)
-        if push:
-            dvc_push(ws, remote)
-        publish_summary(ws, command, push)
+    try:
+        if not (ws / "dvc.yaml").is_file():
+            raise PipelineError(f"workspace {ws} has no dvc.yaml")
+        run = FlowRunContext.get().flow_run
+        if run is not None and run.deployment_id is not None:  # a deployment's run: never in someone's checkout
+            require_deployment_workspace(ws)
+        with workspace_lock(ws):
+            check_endpoints(ws, remote, needs_remote=pull or push)
+            if pull:
+                dvc_pull(ws, remote, allow_missing=True)
+            command = reproduce(ws, params_file, list(overrides or []), experiment)
+            if push:
+                dvc_push(ws, remote)
+            publish_summary(ws, command, push)
+    except ProjectError as err:
+        # a known error (a setting, a busy workspace, a failed stage): the run ends Failed with its one line
+        get_run_logger().error("%s: %s", type(err).__name__, err)
+        return Failed(message=str(err))
     return {"workspace": str(ws), "command": command, "pushed": push}
 
 
@@ -147,10 +164,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         check_prefect_api()
-        pipeline(workspace=args.workspace, params_file=args.params_file, overrides=args.overrides,
-                 pull=not args.no_pull, push=not args.no_push, remote=args.remote, experiment=args.experiment)
+        state = pipeline(workspace=args.workspace, params_file=args.params_file, overrides=args.overrides,
+                         pull=not args.no_pull, push=not args.no_push, remote=args.remote,
+                         experiment=args.experiment, return_state=True)
     except ProjectError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        state.result()  # a bug re-raises here with its traceback
+    except FailedRun:  # the flow ended itself Failed with a known error's one line
+        print(f"error: {state.message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -101,6 +102,36 @@ def check_prefect_api(required_for: str | None = None) -> str | None:
         return None
     check_http(api_url.rstrip("/") + "/health", "Prefect API (PREFECT_API_URL)", attempts=3)
     return api_url
+
+
+class OneLineKnownErrors(logging.Filter):
+    """A known project error (pipeline.errors.ProjectError; Prefect's FailedRun, which is what the engine raises for a
+    flow that ended itself Failed with such an error's message) is one line in a run's log, not a traceback: the record
+    loses its traceback and keeps (or gains) the error's one-line text. Anything else, a bug, keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.exceptions import FailedRun
+
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, (ProjectError, FailedRun)):
+            text = record.getMessage()
+            if str(err) not in text:
+                text = f"{text}: {type(err).__name__}: {err}"
+            record.msg, record.args, record.exc_info, record.exc_text = text, (), None, None
+        return True
+
+
+# The loggers that print a failed run's exception: the task and flow run loggers (their records reach the UI) and the
+# engine's own (the worker's console).
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
+
+
+def one_line_known_errors() -> None:
+    """Install OneLineKnownErrors on Prefect's run loggers (once per process)."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineKnownErrors) for f in logger.filters):
+            logger.addFilter(OneLineKnownErrors())
 
 
 def _log_tail(log: Path, chars: int = 3000) -> str:

@@ -164,6 +164,62 @@ def clone_at(repo_url: str, commit: str, dest: Path) -> None:
                             f"{proc.stderr.strip()[-1000:]}")
 
 
+# ------------------------------------------------------------------------------------------------- deployment workspace
+# The deployments run in a clone of their own, never in someone's checkout: a run resets params.yaml, rewrites the
+# outputs and dvc.lock, and `dvc exp run` leaves its params behind. `make deploy` prepares this one (a clone of the
+# checkout's HEAD) and points VR_WORKSPACE at it; a deployment run refuses a workspace without the mark.
+DEPLOYMENT_WORKSPACE = Path(".services/workspace")  # relative to the checkout; /.services/ is git- and dvc-ignored
+ROLE_KEY = "visual-region.workspace"  # git config key of a prepared workspace (its .git/config, never committed)
+ROLE = "deployment"
+
+
+def is_deployment_workspace(workspace: Path) -> bool:
+    """True when `workspace` was made by `prepare_workspace` (git config visual-region.workspace=deployment)."""
+    proc = subprocess.run(["git", "config", "--local", "--get", ROLE_KEY], cwd=workspace, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)
+    return proc.returncode == 0 and proc.stdout.strip() == ROLE
+
+
+def require_deployment_workspace(workspace: Path) -> None:
+    """A deployment run goes only where `prepare_workspace` made a workspace for it: anywhere else may be a person's
+    own checkout, whose params.yaml, outputs and dvc.lock the run would change."""
+    if not is_deployment_workspace(workspace):
+        raise PipelineError(f"workspace {workspace} is not a deployment workspace (it may be someone's own checkout, "
+                            "and a run would change its params.yaml and outputs): run `make deploy`, which prepares "
+                            f"{DEPLOYMENT_WORKSPACE}, or `python -m flows.workspace prepare <dir>` and set "
+                            "VR_WORKSPACE=<dir> for the worker")
+
+
+def prepare_workspace(source: Path, dest: Path) -> str:
+    """Make `dest` the deployments' workspace: a clone of `source` (a checkout) at `source`'s HEAD commit, or, when
+    `dest` is one already, moved to that commit (tracked files reset to it; outputs, the DVC cache and experiments
+    kept), with `source`'s .dvc/config.local (the remote's endpoint) copied or, when `source` has none, removed.
+    `source` is only read. Returns the commit."""
+    source, dest = source.resolve(), dest.resolve()
+    if dest == source:
+        raise PipelineError(f"the deployment workspace {dest} cannot be the checkout itself")
+    commit = git(source, "rev-parse", "HEAD").strip()
+    if (dest / ".git").exists():
+        if not is_deployment_workspace(dest):
+            raise PipelineError(f"{dest} is a git repository that `python -m flows.workspace prepare` did not make "
+                                "(maybe someone's clone): move it away or choose another directory")
+        git(dest, "fetch", "--quiet", str(source), "HEAD")
+        git(dest, "checkout", "--quiet", "--force", "--detach", commit)
+    elif dest.exists() and any(dest.iterdir()):
+        raise PipelineError(f"{dest} exists and is not empty: move it away or choose another directory")
+    else:
+        clone_at(str(source), commit, dest)
+        git(dest, "config", "--local", ROLE_KEY, ROLE)
+    local, copy = source / ".dvc" / "config.local", dest / ".dvc" / "config.local"
+    if local.is_file():
+        tmp = copy.with_name(f".{copy.name}.{os.getpid()}.tmp")
+        shutil.copy2(local, tmp)  # keeps its mode: it may hold credentials
+        os.replace(tmp, copy)
+    elif copy.exists():
+        copy.unlink()
+    return commit
+
+
 def start_from_committed_params(workspace: Path) -> None:
     """The same flow parameters mean the same run: params.yaml starts as committed (HEAD), not as an earlier
     experiment left it (`dvc exp run` leaves its params in the workspace). A differing file is kept aside first."""
@@ -230,22 +286,25 @@ def check_s3_remote(name: str, remote: dict) -> None:
     try:
         s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except NoCredentialsError:
-        raise PipelineError(f"{where}: no AWS credentials found (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                            "AWS_PROFILE or another source of the standard chain)") from None
-    except EndpointConnectionError as err:
+        raise PipelineError(f"{where}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                            "(or AWS_PROFILE) in the environment of the run (for a deployment: the worker's)") from None
+    except (EndpointConnectionError, BotoCoreError) as err:  # BotoCoreError: timeouts, other connection failures
+        if endpoint is None:  # most likely a store that is not AWS, its endpoint not given: a setting, not an outage
+            raise PipelineError(f"no S3 endpoint is set for DVC remote {name!r} ({url}) and AWS S3 is unreachable "
+                                f"({type(err).__name__}): set AWS_ENDPOINT_URL_S3 or run: dvc remote modify --local "
+                                f"{name} endpointurl http://127.0.0.1:8333") from None
         raise TransientError(f"{where} is unreachable: {err}") from None
     except ClientError as err:
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in ("404", "NoSuchBucket"):
-            raise PipelineError(f"{where}: bucket {bucket!r} does not exist") from None
+            raise PipelineError(f"{where}: bucket {bucket!r} does not exist (create it, or point the remote at "
+                                f"another: dvc remote modify {name} url s3://<bucket>/{prefix})") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             raise PipelineError(f"{where} refused the credentials for bucket {bucket!r} ({code or status}): check "
                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
         kind = TransientError if status >= 500 else PipelineError
         raise kind(f"{where}: {code or status}: {err}") from None
-    except BotoCoreError as err:  # timeouts and other connection-level failures
-        raise TransientError(f"{where} is unreachable: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------- tasks
@@ -291,3 +350,29 @@ def dvc_repro(workspace: Path, targets: list[str] | None = None, single_item: bo
             dvc(workspace, "repro", "--single-item", target)
     else:
         dvc(workspace, "repro", *(targets or []))
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.workspace prepare [DIR]`: the deployments' workspace (`make deploy` runs it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.workspace")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="clone this checkout's HEAD into DIR (or move DIR to it) for the deployments")
+    prep.add_argument("dir", nargs="?", default=str(REPO / DEPLOYMENT_WORKSPACE))
+    prep.add_argument("--source", default=str(REPO), help="the checkout to clone (default: this one)")
+    args = parser.parse_args(argv)
+    try:
+        source, dest = Path(args.source), Path(args.dir)
+        commit = prepare_workspace(source, dest)
+        print(f"deployment workspace {dest.resolve()} at commit {commit[:12]} of {source.resolve()}")
+        if git(source, "status", "--porcelain", "--untracked-files=no").strip():
+            print(f"note: {source.resolve()} has uncommitted changes; the deployments run the commit, not them")
+    except ProjectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

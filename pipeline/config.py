@@ -408,6 +408,31 @@ class PruneParams(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
+class BenchmarksParams(_Strict):
+    """The published benchmarks (pipeline/benchmarks, docs/benchmarks.md), run through lm-evaluation-harness on the
+    tuned and pruned model of each run. `tasks`: shipped tasks or groups (pope, pope_random, gqa, textvqa_val,
+    scienceqa_img, mmbench_dev_en, mmbench_dev_en_circular, mme, seedbench_img, mmlu_csv), read from their files under
+    `data_dir`, or any of lm-eval's own tasks (mmlu, bbh, ceval-valid, cmmlu, mmmu_val, ...), read from the Hugging
+    Face datasets cache offline. Empty: no benchmark (the default)."""
+
+    tasks: list[str] = []
+    data_dir: str = "data/benchmarks"
+    limit: int | None = Field(None, ge=1)  # questions per task (null: all); for a quick check, not for results
+    num_fewshot: int | None = Field(None, ge=0)  # null: each task's own default (0 for the shipped ones)
+    batch_size: int = Field(8, ge=1)
+    on_missing: Literal["fail", "skip"] = "fail"  # a task whose files are missing: fail evaluate, or skip it
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, tasks):
+        repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"tasks listed twice: {repeated}")
+        if any(not t.strip() for t in tasks):
+            raise ValueError("task names must not be empty")
+        return tasks
+
+
 class EvaluateParams(_Strict):
     max_new_tokens: int = Field(6, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -415,6 +440,7 @@ class EvaluateParams(_Strict):
     digits_samples: int = Field(200, ge=1)
     text_qa_samples: int = Field(200, ge=1)
     text_ppl_chunks: int = Field(100, ge=1)
+    benchmarks: BenchmarksParams = BenchmarksParams()
 
 
 class MlflowParams(_Strict):

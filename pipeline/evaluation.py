@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import data
+from pipeline import data, intervals
 from pipeline.data.chat import processor_inputs
 
 
@@ -68,7 +68,8 @@ def visual_accuracy(model, processor, records, *, max_new_tokens: int, batch_siz
                 examples.append({"id": r["id"], "qtype": r["qtype"], "gold": gold, "pred": pred})
     per_type = {q: sum(v) / len(v) for q, v in sorted(hits.items())}
     n = sum(len(v) for v in hits.values())
-    return {"per_type": per_type, "accuracy": sum(sum(v) for v in hits.values()) / max(1, n), "n": n, "examples": examples}
+    return {"per_type": per_type, "accuracy": sum(sum(v) for v in hits.values()) / max(1, n), "n": n, "examples": examples,
+            "hits": {q: intervals.encode(v) for q, v in sorted(hits.items())}}
 
 
 @torch.no_grad()
@@ -105,6 +106,7 @@ def text_qa_accuracy(model, tokenizer, qa: list[dict], *, max_new_tokens: int, b
         "accuracy": sum(sum(v) for v in hits.values()) / max(1, n),
         "per_type": {q: sum(v) / len(v) for q, v in sorted(hits.items())},
         "n": n,
+        "hits": {q: intervals.encode(v) for q, v in sorted(hits.items())},
     }
 
 
@@ -159,6 +161,8 @@ def evaluate_model(model, processor, sets: dict, cfg, *, seq_len: int) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         **timing.as_metrics(),
         "examples": vqa["examples"][:5] + digits["examples"][:3],
+        # which samples were answered right, per question type (pipeline/intervals.py: the report's intervals)
+        "samples": {"visual": vqa["hits"] | digits["hits"], "text_qa": text_qa["hits"]},
     }
 
 

@@ -15,7 +15,8 @@ import datasets
 from pipeline import pruning
 from pipeline.config import TuneParams, TuneRun
 
-SCORES = ("visual_score", "text_qa_accuracy", "text_ppl")
+# What each point keeps of evaluate_model: the scores, and which samples were right (the report's intervals).
+SCORES = ("visual_score", "text_qa_accuracy", "text_ppl", "samples")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from pipeline import intervals
 from pipeline.evaluation import retention
 
 BASELINE = "all"  # the run every retention is measured against (pipeline/config.py requires it in tune.runs)
@@ -36,11 +37,15 @@ def describe(spec) -> str:
     return spec.strategy + ("" if spec.language_model == "full" else f" ({spec.language_model})")
 
 
-def run_rows(runs: dict, evals: dict[str, dict], layers: dict[str, list[int]]) -> dict[str, dict]:
+def run_rows(runs: dict, evals: dict[str, dict], layers: dict[str, list[int]],
+             base_lm: dict | None = None) -> dict[str, dict]:
     """One row per tune run: its tuned and pruned scores and their retention against the baseline. `runs`: name ->
     the run's params entry (config.TuneRun); `evals`: name -> its metrics/eval JSON; `layers`: name -> its tuned
-    layers."""
+    layers; `base_lm`: metrics/base.json, whose LM scores before any visual tuning (tiny/micro: the same text QA set
+    and perplexity windows) give each run's text QA and perplexity against the base LM (None where not measured)."""
     base = evals[BASELINE]["tuned"]
+    base_lm = base_lm or {}
+    lm_qa, lm_ppl = base_lm.get("lm_text_qa_accuracy"), base_lm.get("lm_ppl_pretrained")
     rows = {}
     for name, spec in runs.items():
         tuned, pruned = evals[name]["tuned"], evals[name]["pruned"]
@@ -49,7 +54,9 @@ def run_rows(runs: dict, evals: dict[str, dict], layers: dict[str, list[int]]) -
             "visual_score": tuned["visual_score"], "visual_retention": retention(tuned["visual_score"], base["visual_score"]),
             "text_qa_accuracy": tuned["text_qa_accuracy"],
             "text_retention": retention(tuned["text_qa_accuracy"], base["text_qa_accuracy"]),
-            "text_ppl": tuned["text_ppl"], "train_seconds": tuned["train_seconds"],
+            "text_qa_vs_base_lm": retention(tuned["text_qa_accuracy"], lm_qa) if lm_qa is not None else None,
+            "text_ppl": tuned["text_ppl"], "text_ppl_vs_base_lm": tuned["text_ppl"] / lm_ppl if lm_ppl else None,
+            "train_seconds": tuned["train_seconds"],
             "train_time_ratio": tuned["train_seconds"] / base["train_seconds"],
             "trainable_parameters": tuned["trainable_parameters"], "per_type": tuned["per_type"],
             "pruned_visual_score": pruned["visual_score"],
@@ -75,42 +82,81 @@ def claim_runs(runs: dict) -> dict[str, str | None]:
     return {"uniform": first("uniform"), "top": first("top")}
 
 
-def claims(rows: dict, curves: dict, compared: dict[str, str | None]) -> list[tuple[str, bool | None, str]]:
-    """The paper's claims, each (claim, holds?, evidence); only those whose runs are in this pipeline. `compared`:
-    `claim_runs`."""
+def _hits(entry: dict | None, kind: str = "visual"):
+    """The decoded per-sample hits of one evaluated model (an eval JSON's "tuned"/"pruned", or a curve point); None
+    where they were not recorded (metrics written before the intervals were)."""
+    samples = (entry or {}).get("samples")
+    return intervals.decode(samples[kind]) if samples else None
+
+
+def _judged(point_holds: bool, interval_of, *hits, threshold: float, strict: bool = False) -> tuple[str, str]:
+    """(verdict, interval text) of a claim: from the paired bootstrap interval when every model's samples are
+    recorded; from the point estimates alone otherwise (said so in the text)."""
+    if any(h is None for h in hits):
+        return ("holds" if point_holds else "fails"), " (no interval: samples not recorded)"
+    interval = interval_of(*hits)
+    return intervals.verdict(interval, threshold, strict=strict), f" [95% interval {fmt(interval[0])}, {fmt(interval[1])}]"
+
+
+def claims(rows: dict, curves: dict, compared: dict[str, str | None],
+           evals: dict[str, dict] | None = None) -> list[tuple[str, str, str]]:
+    """The paper's claims, each (claim, verdict, evidence); only those whose runs are in this pipeline. `compared`:
+    `claim_runs`; `evals`: name -> its metrics/eval JSON, whose per-sample hits give each comparison its paired
+    bootstrap interval (pipeline/intervals.py). Verdict: "holds" / "fails" when the interval is on one side of the
+    claim's threshold, "within noise" when it straddles it."""
+    evals = evals or {}
     out = []
-    u, top, base = rows.get(compared["uniform"]), rows.get(compared["top"]), rows[BASELINE]
+    names = {"uniform": compared["uniform"], "top": compared["top"]}
+    u, top, base = rows.get(names["uniform"]), rows.get(names["top"]), rows[BASELINE]
+    tuned = {key: evals.get(name, {}).get("tuned") for key, name in (*names.items(), ("base", BASELINE))}
     if u:
-        out.append(("uniform 25% keeps >= 95% of the `all` visual score", u["visual_retention"] >= 0.95,
-                    f"retention {fmt(u['visual_retention'])}"))
-        out.append(("uniform 25% text score >= the `all` run's", u["text_qa_accuracy"] >= base["text_qa_accuracy"],
-                    f"text QA {fmt(u['text_qa_accuracy'])} vs {fmt(base['text_qa_accuracy'])}; "
-                    f"ppl {fmt(u['text_ppl'], 1)} vs {fmt(base['text_ppl'], 1)}"))
+        verdict, text = _judged(u["visual_retention"] >= 0.95, intervals.retention_interval, _hits(tuned["uniform"]),
+                                _hits(tuned["base"]), threshold=0.95)
+        out.append(("uniform 25% keeps >= 95% of the `all` visual score", verdict,
+                    f"retention {fmt(u['visual_retention'])}{text}"))
+        verdict, text = _judged(
+            u["text_qa_accuracy"] >= base["text_qa_accuracy"],
+            lambda a, b: intervals.difference_interval(a, b, intervals.accuracy),
+            _hits(tuned["uniform"], "text_qa"), _hits(tuned["base"], "text_qa"), threshold=0.0)
+        out.append(("uniform 25% text score >= the `all` run's", verdict,
+                    f"text QA {fmt(u['text_qa_accuracy'])} vs {fmt(base['text_qa_accuracy'])}, difference{text}; "
+                    f"of the base LM's text QA: {fmt(u.get('text_qa_vs_base_lm'))} vs "
+                    f"{fmt(base.get('text_qa_vs_base_lm'))}; ppl {fmt(u['text_ppl'], 1)} vs {fmt(base['text_ppl'], 1)}"))
     if u and top:
-        out.append(("uniform beats contiguous top", u["visual_score"] > top["visual_score"],
-                    f"visual {fmt(u['visual_score'])} vs {fmt(top['visual_score'])}"))
-    if compared["uniform"] in curves and BASELINE in curves:
-        protected, conventional = curves[compared["uniform"]], curves[BASELINE]
-        prot = {p["removed_layers"]: p["visual_score"] for p in protected}
-        conv = {p["removed_layers"]: p["visual_score"] for p in conventional}
-        ks = [k for k in (1, 2, 3) if k in prot and k in conv]
-        if ks:
-            out.append((f"protected pruning beats conventional pruning at {ks[0]}-{ks[-1]} removed layers",
-                        all(prot[k] > conv[k] for k in ks),
-                        "; ".join(f"k={k}: {fmt(prot[k])} vs {fmt(conv[k])}" for k in ks)))
-        prot_h, conv_h = healed_scores(protected), healed_scores(conventional)
-        ks = [k for k in (1, 2, 3) if k in prot_h and k in conv_h]
-        if ks:  # an extension (prune.curve.heal_steps), not one of the paper's claims
-            out.append((f"after a healing tune, protected pruning beats conventional at {ks[0]}-{ks[-1]} removed layers",
-                        all(prot_h[k] > conv_h[k] for k in ks),
-                        "; ".join(f"k={k}: {fmt(prot_h[k])} vs {fmt(conv_h[k])}" for k in ks)))
+        verdict, text = _judged(u["visual_score"] > top["visual_score"], intervals.difference_interval,
+                                _hits(tuned["uniform"]), _hits(tuned["top"]), threshold=0.0, strict=True)
+        out.append(("uniform beats contiguous top", verdict,
+                    f"visual {fmt(u['visual_score'])} vs {fmt(top['visual_score'])}, difference{text}"))
+    if names["uniform"] in curves and BASELINE in curves:
+        protected, conventional = curves[names["uniform"]], curves[BASELINE]
+        for healed in (False, True):
+            prot, conv = curve_points(protected, healed), curve_points(conventional, healed)
+            ks = [k for k in (1, 2, 3) if k in prot and k in conv]
+            if not ks:
+                continue
+            judged = [_judged(prot[k]["visual_score"] > conv[k]["visual_score"], intervals.difference_interval,
+                              _hits(prot[k]), _hits(conv[k]), threshold=0.0, strict=True) for k in ks]
+            claim = (f"after a healing tune, protected pruning beats conventional at {ks[0]}-{ks[-1]} removed layers"
+                     if healed  # an extension (prune.curve.heal_steps), not one of the paper's claims
+                     else f"protected pruning beats conventional pruning at {ks[0]}-{ks[-1]} removed layers")
+            out.append((claim, intervals.combine([v for v, _ in judged]), "; ".join(
+                f"k={k}: {fmt(prot[k]['visual_score'])} vs {fmt(conv[k]['visual_score'])}{text}"
+                for k, (_, text) in zip(ks, judged))))
     return out
+
+
+def curve_points(points: list[dict], healed: bool = False) -> dict[int, dict]:
+    """removed layers -> the curve's scores there (`healed`: after the healing tune; k = 0, nothing cut, is the
+    unhealed point); {} for `healed` when the curve has no healing."""
+    if not healed:
+        return {p["removed_layers"]: p for p in points}
+    found = {p["removed_layers"]: p["healed"] for p in points if "healed" in p}
+    return {0: points[0], **found} if found else {}
 
 
 def healed_scores(points: list[dict]) -> dict[int, float]:
     """removed layers -> visual score after the healing tune (k = 0: nothing was cut, nothing to heal)."""
-    healed = {p["removed_layers"]: p["healed"]["visual_score"] for p in points if "healed" in p}
-    return {0: points[0]["visual_score"], **healed} if healed else {}
+    return {k: p["visual_score"] for k, p in curve_points(points, healed=True).items()}
 
 
 PRETRAINING_LOSSES = ("vision_pretrain", "lm_pretrain", "projector")  # plots/loss/<name>.csv of the shared stages
@@ -195,16 +241,18 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str]) ->
     lines = [
         "# Layer-selection report", "",
         "Retention = score / the `all` run's score. Visual = mean exact-match accuracy over the question types "
-        "(digits included); text = held-out text QA accuracy and perplexity.", "",
-        "| run | strategy | layers | visual | retention | text QA | text retention | text ppl | train s | time ratio "
-        "| pruned visual | pruned retention |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(digits included); text = held-out text QA accuracy and perplexity; vs base LM = text QA / the base LM's "
+        "before visual tuning (how much text ability the run kept), ppl × = perplexity / the base LM's.", "",
+        "| run | strategy | layers | visual | retention | text QA | text retention | vs base LM | text ppl | ppl × "
+        "| train s | time ratio | pruned visual | pruned retention |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['strategy']} | {','.join(map(str, r['layers']))} | {fmt(r['visual_score'])} | "
             f"{fmt(r['visual_retention'])} | {fmt(r['text_qa_accuracy'])} | {fmt(r['text_retention'])} | "
-            f"{fmt(r['text_ppl'], 1)} | {r['train_seconds']:.0f} | {fmt(r['train_time_ratio'], 2)} | "
+            f"{fmt(r['text_qa_vs_base_lm'])} | {fmt(r['text_ppl'], 1)} | {fmt(r['text_ppl_vs_base_lm'], 1)} | "
+            f"{r['train_seconds']:.0f} | {fmt(r['train_time_ratio'], 2)} | "
             f"{fmt(r['pruned_visual_score'])} ({r['pruned_layers']} layers) | {fmt(r['pruned_visual_retention'])} |"
         )
     types = sorted({t for r in rows.values() for t in r["per_type"]})
@@ -223,7 +271,10 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str]) ->
                              + " | ".join(fmt(v) for v in healed.values()) + " |")
     if checks:
         lines += ["", "## The paper's claims on these numbers", ""]
-        lines += [f"- {'holds' if ok else 'does not hold'}: {claim} ({evidence})" for claim, ok, evidence in checks]
+        lines += ["Each comparison with its 95% paired bootstrap interval over the evaluation samples: a claim holds or "
+                  "fails when the interval is on one side of its threshold, and is within noise when it straddles it "
+                  "(training noise, another seed, is not in these intervals).", ""]
+        lines += [f"- {verdict}: {claim} ({evidence})" for claim, verdict, evidence in checks]
     lines += ["", "## Figures", ""] + [f"![{Path(link).stem}]({link})" for link in figure_links]
     return "\n".join(lines) + "\n"
 
@@ -235,7 +286,7 @@ def retention_csv(sweep: list[dict]) -> str:
 
 
 def summary(rows: dict, checks: list) -> dict:
-    """The report's metrics: each run's numbers (NaN as null) and whether each claim holds."""
+    """The report's metrics: each run's numbers (NaN as null) and each claim's verdict."""
     out = {name: {k: clean(v) for k, v in r.items() if k not in ("per_type", "layers", "strategy")} for name, r in rows.items()}
-    out["claims"] = {claim: ok for claim, ok, _ in checks}
+    out["claims"] = {claim: verdict for claim, verdict, _ in checks}
     return out

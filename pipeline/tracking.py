@@ -81,12 +81,14 @@ def tree_hash(path: str | os.PathLike) -> str:
 
 def pipeline_key(params) -> dict:
     """What identifies one pipeline run: the code, the data (the content hash `prepare` recorded, so the data is
-    not re-read) and the params that shape every layer-selection run."""
+    not re-read) and the params that shape its layer-selection runs' models and scores. An experiment that changes
+    only `prune` or `evaluate` is a pipeline run of its own (its scores go to its own runs: `evaluation_run_id`)."""
     from pipeline.data.schema import content_hash
 
     return {
         "git_commit": git_commit(), "data_hash": content_hash("data/prepared"), "seed": params.seed,
         "model": params.model.model_dump_json(), "tune": params.tune.model_dump_json(),
+        "prune": params.prune.model_dump_json(), "evaluate": params.evaluate.model_dump_json(),
     }
 
 
@@ -101,6 +103,36 @@ def parent_run_id(mlflow, key_data: dict) -> str:
     with mlflow.start_run(run_name=f"pipeline-{key[:8]}", tags={"vr_pipeline_key": key, "vr_kind": "pipeline"}) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in key_data.items()})
         return run.info.run_id
+
+
+def evaluation_run_id(mlflow, key: dict, run: str, tune_run_id: str) -> str:
+    """The MLflow run that `evaluate@<run>` logs into: the tune run itself when it belongs to this pipeline run
+    (`key`), so a selection's params, training and scores are one row; otherwise (an experiment that re-used a
+    tuned model trained under another pipeline run) a run of this pipeline run's own, named after the selection,
+    carrying the tune run's params and a link to it (tag `vr_tune_run_id`), so the other run's numbers stay its own."""
+    parent = parent_run_id(mlflow, key)
+    client = mlflow.MlflowClient()
+    tune = client.get_run(tune_run_id)
+    if tune.data.tags.get("mlflow.parentRunId") == parent:
+        return tune_run_id
+    found = client.search_runs(
+        [tune.info.experiment_id], max_results=1,
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.vr_kind = 'evaluate' and tags.vr_run = '{run}'",
+    )
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_id=parent):
+        tags = run_tags("evaluate", run) | {"vr_tune_run_id": tune_run_id}
+        with mlflow.start_run(run_name=run, nested=True, tags=tags) as active:
+            mlflow.log_params({k: v for k, v in tune.data.params.items() if not k.startswith("prune.")})  # its own
+            return active.info.run_id
+
+
+def prune_params(params) -> dict:
+    """The `prune` params behind a run's pruned model and its scores, named by their params.yaml keys."""
+    prune = params.prune
+    return {"prune.num_layers": prune.num_layers, "prune.metric": prune.metric,
+            "prune.calibration_samples": prune.calibration_samples}
 
 
 def scrub(params: dict) -> dict:

@@ -32,17 +32,25 @@ def trainability(tune, spec, layers: list[int]) -> Trainability:
 
 
 def run_params(params, name: str, layers: list[int], key: dict, *, processes: int) -> dict:
-    """The run's MLflow params (also its checkpoints' fingerprint): its selection, the tune settings, and the code and
-    data it ran on (`key`: tracking.pipeline_key). `processes`: of a multi-process launch (batch_size is per process)."""
+    """The run's MLflow params (also its checkpoints' fingerprint), named by their params.yaml keys (the run's own
+    entry `tune.runs.<name>` as `tune.run.*`, one column for every run): its selection and the exact layers it
+    tuned, the tune settings, and the code and data it ran on (`key`: tracking.pipeline_key). A budget is logged only
+    for the strategies that read one. `processes`: of a multi-process launch (batch_size is per process)."""
     spec, cfg = params.tune.run(name), params.tune
+    strategy = spec.strategy if isinstance(spec.strategy, str) else "explicit"
+    selection = {"tune.run.strategy": strategy, "tune.run.language_model": spec.language_model,
+                 "tune.run.projector": spec.projector}
+    if strategy not in ("all", "explicit"):  # every other strategy takes its layer count from the budget
+        selection["tune.run.budget"] = spec.budget
+    if strategy == "random":
+        selection["tune.run.seed"] = spec.seed
+    if strategy == "importance":
+        selection |= {"tune.run.importance_metric": spec.importance_metric, "tune.run.importance_from": spec.importance_from}
     return {
-        "run": name, "strategy": spec.strategy if isinstance(spec.strategy, str) else "explicit",
-        "budget": spec.budget, "layers": ",".join(map(str, layers)), "num_layers": len(layers),
-        "language_model": spec.language_model, "projector": spec.projector, "projector_lr": cfg.projector_lr,
-        "lm_lr": cfg.lm_lr, "seed": params.seed, "selection_seed": spec.seed,
-        "importance_metric": spec.importance_metric or "", "importance_from": spec.importance_from or "",
-        "max_steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
-        "lora": json.dumps(cfg.lora.__dict__) if spec.language_model == "lora" else "",
+        "run": name, "layers": ",".join(map(str, layers)), "num_tuned_layers": len(layers), **selection,
+        "tune.projector_lr": cfg.projector_lr, "tune.lm_lr": cfg.lm_lr, "seed": params.seed,
+        "tune.train.max_steps": cfg.train.max_steps, "tune.train.batch_size": cfg.train.batch_size,
+        **({"tune.lora": json.dumps(cfg.lora.__dict__)} if spec.language_model == "lora" else {}),
         "git_commit": key["git_commit"], "data_hash": key["data_hash"], "processes": processes,
     }
 
@@ -61,9 +69,12 @@ def mlflow_run(mlflow, key: dict, name: str, logged: dict) -> Iterator:
                 yield active
 
 
-def metrics(result, report: dict) -> dict:
-    """The run's metrics (metrics/tune/<run>.json) from the training result and the trainability report."""
+def metrics(result, report: dict, *, mlflow_run_id: str, git_commit: str) -> dict:
+    """metrics/tune/<run>.json: the training result, the trainability report, and the run's identity (its MLflow run,
+    the commit it ran at). The identity lives here, in git, not in the DVC-cached model: a model's bytes, and so its
+    hash in dvc.lock, must depend only on what trained it, or no two runs could share it through a remote (issue 21)."""
     return {
+        "mlflow_run_id": mlflow_run_id, "git_commit": git_commit,
         "steps": result.steps, "train_seconds": result.train_seconds, "final_loss": result.final_loss,
         "peak_memory_bytes": result.peak_memory_bytes, "trainable_parameters": report["trainable"],
         "trainable_fraction": report["trainable_fraction"], "optimizer_state_bytes": report["optimizer_state_bytes"],
@@ -71,10 +82,14 @@ def metrics(result, report: dict) -> dict:
     }
 
 
-def selection(name: str, layers: list[int], num_decoder_layers: int, mlflow_run_id: str, logged: dict) -> dict:
-    """selection.json, saved beside the tuned model: its layers, its MLflow run and the rest of its params."""
-    return {"run": name, "layers": layers, "num_decoder_layers": num_decoder_layers, "mlflow_run_id": mlflow_run_id,
-            **{k: v for k, v in logged.items() if k != "layers"}}
+RUN_IDENTITY = ("git_commit",)  # in the MLflow params, not in the model: it changes with every commit
+
+
+def selection(name: str, layers: list[int], num_decoder_layers: int, logged: dict) -> dict:
+    """selection.json, saved beside the tuned model: its layers and the params that made it (not the run's identity,
+    which is in metrics/tune/<run>.json)."""
+    return {"run": name, "layers": layers, "num_decoder_layers": num_decoder_layers,
+            **{k: v for k, v in logged.items() if k not in ("layers", *RUN_IDENTITY)}}
 
 
 def log_result(mlflow, result, run_metrics: dict, report: dict, run_selection: dict) -> None:
@@ -82,6 +97,6 @@ def log_result(mlflow, result, run_metrics: dict, report: dict, run_selection: d
     and the selection, into the active MLflow run."""
     for h in result.loss_history:
         mlflow.log_metric("train_loss", h["loss"], step=h["step"])
-    mlflow.log_metrics({k: v for k, v in run_metrics.items() if v is not None})
+    mlflow.log_metrics({k: v for k, v in run_metrics.items() if isinstance(v, (int, float))})
     mlflow.log_dict(report, "trainability.json")
     mlflow.log_dict(run_selection, "selection.json")

@@ -32,8 +32,10 @@ def offline_parts(params) -> tuple[dict, str, str]:
         metrics, vision_loss = pretraining.pretrain_vision(params, vision_dir, tokenizer, pairs,
                                                            paths.CHECKPOINTS / "vision_pretrain")
     atomic_write_text(paths.loss_plot("vision_pretrain"), training.loss_csv(vision_loss))
-    lm_metrics, lm_loss = pretraining.pretrain_lm(params, lm_dir, tokenizer, texts_train, texts_test, qa,
-                                                  paths.CHECKPOINTS / "lm_pretrain")
+    lm_metrics, lm_loss = {}, []
+    if params.lm_pretrain.train.max_steps:  # 0: the LM stays random (benchmarks that time only the data path)
+        lm_metrics, lm_loss = pretraining.pretrain_lm(params, lm_dir, tokenizer, texts_train, texts_test, qa,
+                                                      paths.CHECKPOINTS / "lm_pretrain")
     atomic_write_text(paths.loss_plot("lm_pretrain"), training.loss_csv(lm_loss))
     return metrics | lm_metrics, str(vision_dir), str(lm_dir)
 

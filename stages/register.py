@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     tracking.setup(params.mlflow.experiment)
     results: dict = {"enabled": True, "models": {}}
     for name in runs:
-        selection = inputs.read_json(paths.selection(name), inputs.stage_name(params, "tune", name))
+        tune_metrics = inputs.read_json(paths.stage_metrics("tune", name), inputs.stage_name(params, "tune", name))
         for kind in cfg.kinds:
             scores = evals[name][kind]
             decision = registry.gate(
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
             path, stage = CHECKPOINTS[kind]
             checkpoint = str(inputs.need(path(name), inputs.stage_name(params, stage, name)))
             version = registry.register_checkpoint(
-                checkpoint, model, run_id=selection.get("mlflow_run_id"), dtype=params.model.dtype,
+                checkpoint, model, run_id=tune_metrics.get("mlflow_run_id"), dtype=params.model.dtype,
                 fingerprint=tracking.tree_hash(checkpoint),
                 tags={"vr_run": name, "vr_kind": kind, "git_commit": tracking.git_commit(),
                       "visual_retention": decision.visual_retention, "text_retention": decision.text_retention},

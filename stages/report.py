@@ -28,9 +28,10 @@ def main(argv: list[str]) -> None:
     importance = {path.stem: inputs.read_json(path, inputs.stage_name(params, "prune", path.stem))
                   for path in sorted(paths.IMPORTANCE.glob("*.json"))}
 
-    rows = report.run_rows(runs, evals, layers)
+    base_lm = inputs.read_json(paths.stage_metrics("base"), "build_base")
+    rows = report.run_rows(runs, evals, layers, base_lm)
     sweep = report.sweep_rows(rows, runs)
-    checks = report.claims(rows, curves, report.claim_runs(runs))
+    checks = report.claims(rows, curves, report.claim_runs(runs), evals)
     shutil.rmtree(paths.FIGURES, ignore_errors=True)
     losses = {name: report.read_loss_csv(paths.loss_plot(name).read_text())
               for name in (*report.PRETRAINING_LOSSES, *runs) if paths.loss_plot(name).exists()}

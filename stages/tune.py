@@ -57,8 +57,8 @@ def main(argv: list[str]) -> None:
             prepared=samples,
         )
         if main_rank:
-            metrics = tune_run.metrics(result, report)
-            selection = tune_run.selection(name, layers, model.num_decoder_layers(tuned), mlrun.info.run_id, logged)
+            metrics = tune_run.metrics(result, report, mlflow_run_id=mlrun.info.run_id, git_commit=key["git_commit"])
+            selection = tune_run.selection(name, layers, model.num_decoder_layers(tuned), logged)
             tune_run.log_result(mlflow, result, metrics, report, selection)
             side_files = {paths.selection(name).name: selection, "trainability.json": report}
             storage.write_together({

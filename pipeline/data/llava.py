@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import pyarrow.compute
 from PIL import Image
 
 from pipeline.data.chat import IMAGE_TOKEN
@@ -47,7 +48,7 @@ _MAX_RECORD_BYTES = 64 << 20  # a JSON-list record that does not parse within th
 _STATUS_FEATURES = {
     "index": datasets.Value("int64"), "error": datasets.Value("string"), "reason": datasets.Value("string"),
     "error_field": datasets.Value("string"), "error_id": datasets.Value("string"),
-    "converted": datasets.Value("string"),
+    "converted": datasets.Value("string"), "frames": datasets.Value("int64"),
 }
 _WORK_FEATURES = datasets.Features({**VISUAL_FEATURES, **_STATUS_FEATURES})
 
@@ -59,6 +60,7 @@ class ImportReport:
     skipped: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)  # the first MAX_MESSAGES, in file order
     converted_modes: dict[str, int] = field(default_factory=dict)
+    animated: int = 0  # records whose image has several frames (GIF, APNG, WebP, TIFF pages): the first one is used
     seconds: float = 0.0
 
     MAX_MESSAGES = 1000
@@ -242,8 +244,9 @@ def _image_path(ctx: _Ctx, image_dir: Path, name: str) -> Path:
     return image_dir / rel
 
 
-def _read_image(ctx: _Ctx, image_path: Path, image_mode: str) -> tuple[bytes, str | None]:
-    """The file's bytes, once PIL has decoded them whole; and the mode to convert from (None: RGB already)."""
+def _read_image(ctx: _Ctx, image_path: Path, image_mode: str) -> tuple[bytes, str | None, int]:
+    """The file's bytes, once PIL has decoded them whole; the mode to convert from (None: RGB already); and its
+    number of frames (an animated image is read as its first frame, as PIL opens it)."""
     if not image_path.is_file():
         raise ctx.error("image", "missing_image", f"image file not found: {image_path}")
     data = image_path.read_bytes()
@@ -253,7 +256,7 @@ def _read_image(ctx: _Ctx, image_path: Path, image_mode: str) -> tuple[bytes, st
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
         with Image.open(io.BytesIO(data)) as img:
-            mode, size = img.mode, img.size
+            mode, size, frames = img.mode, img.size, int(getattr(img, "n_frames", 1))
             if img.format == "JPEG":
                 img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))  # decodes every byte, 1/8 scale
             img.load()
@@ -262,14 +265,15 @@ def _read_image(ctx: _Ctx, image_path: Path, image_mode: str) -> tuple[bytes, st
     if size[0] == 0 or size[1] == 0:
         raise ctx.error("image", "zero_size_image", f"image has zero size {size}: {image_path}")
     if mode == "RGB":
-        return data, None
+        return data, None, frames
     if image_mode == "refuse":
         raise ctx.error("image", "image_mode", f"image mode {mode!r} is not RGB (image_mode='refuse'): {image_path}")
-    return data, mode
+    return data, mode, frames
 
 
-def _normalise_record(raw: Any, ctx: _Ctx, image_dir: Path, image_mode: str) -> tuple[dict, str | None]:
-    """The record in the prepared schema, and the mode its image will be converted from (None: already RGB)."""
+def _normalise_record(raw: Any, ctx: _Ctx, image_dir: Path, image_mode: str) -> tuple[dict, str | None, int]:
+    """The record in the prepared schema, the mode its image will be converted from (None: already RGB), and the
+    image's number of frames (0: no image)."""
     if not isinstance(raw, dict):
         raise ctx.error("<record>", "wrong_type", f"record must be an object, got {type(raw).__name__}")
     if "id" not in raw:
@@ -347,11 +351,11 @@ def _normalise_record(raw: Any, ctx: _Ctx, image_dir: Path, image_mode: str) -> 
             turn["value"] = turn["value"].strip()
 
     image: dict | None = None
-    converted = None
+    converted, frames = None, 0
     if has_image:
-        data, converted = _read_image(ctx, _image_path(ctx, image_dir, raw["image"]), image_mode)
+        data, converted, frames = _read_image(ctx, _image_path(ctx, image_dir, raw["image"]), image_mode)
         image = {"bytes": data, "path": None}
-    return {"id": ctx.record_id, "image": image, "conversations": turns, "qtype": "imported"}, converted
+    return {"id": ctx.record_id, "image": image, "conversations": turns, "qtype": "imported"}, converted, frames
 
 
 def _stage_records(path: Path, work_file: Path) -> tuple[int, list[tuple[int, int]]]:
@@ -381,7 +385,8 @@ def _stage_records(path: Path, work_file: Path) -> tuple[int, list[tuple[int, in
 
 def _error_row(index: int, err: DataError) -> dict:
     return {"index": index, "id": "", "image": None, "conversations": [], "qtype": "", "error": str(err),
-            "reason": err.reason, "error_field": err.field, "error_id": err.record_id, "converted": None}
+            "reason": err.reason, "error_field": err.field, "error_id": err.record_id, "converted": None,
+            "frames": None}
 
 
 def _validate_chunks(chunks: list[tuple[int, int]], work_file: str, source: str, image_dir: str, image_mode: str,
@@ -398,9 +403,9 @@ def _validate_chunks(chunks: list[tuple[int, int]], work_file: str, source: str,
                 try:
                     if error:
                         raise DataError(error[0], path=source, index=index, field="<json>", reason="malformed_json")
-                    record, converted = _normalise_record(raw, _Ctx(path, index, line), folder, image_mode)
+                    record, converted, frames = _normalise_record(raw, _Ctx(path, index, line), folder, image_mode)
                     yield {"index": index, **record, "error": None, "reason": None, "error_field": None,
-                           "error_id": None, "converted": converted}
+                           "error_id": None, "converted": converted, "frames": frames}
                 except DataError as err:
                     yield _error_row(index, err)
                     if stop_at_error:
@@ -468,7 +473,7 @@ def import_llava_json(
         )
     else:
         staged = datasets.Dataset.from_dict({k: [] for k in _WORK_FEATURES}, features=_WORK_FEATURES)
-    status = staged.select_columns(["index", "error", "reason", "error_field", "error_id", "converted"]).data.table
+    status = staged.select_columns(list(_STATUS_FEATURES)).data.table
     errors = status.filter(status.column("error").is_valid())
     if errors.num_rows:
         rows = errors.sort_by("index").to_pylist()
@@ -483,9 +488,10 @@ def import_llava_json(
                 logger.warning("skipping LLaVA record: %s", row["error"])
     converted = status.column("converted").drop_null().value_counts().to_pylist()
     report.converted_modes = {c["values"]: int(c["counts"]) for c in converted}
+    keep = status.column("error").is_null()
+    report.animated = int(pyarrow.compute.sum(pyarrow.compute.greater(status.filter(keep).column("frames"), 1)).as_py() or 0)
     good = staged
     if errors.num_rows:
-        keep = status.column("error").is_null()
         good = staged.select([i for i, ok in enumerate(keep.to_pylist()) if ok])
     good = good.remove_columns(list(_STATUS_FEATURES))
     report.imported = len(good)
@@ -495,7 +501,8 @@ def import_llava_json(
             f"{path}: no valid records imported (skipped: {report.skipped})",
             path=str(path), field="<root>", reason="empty",
         )
-    logger.info("imported %d records from %s in %.1f s (%.0f records/s), skipped %d %s, to be converted to RGB %s",
-                report.imported, path, report.seconds, total / max(report.seconds, 1e-9), report.num_skipped,
-                report.skipped, report.converted_modes)
+    logger.info("imported %d records from %s in %.1f s (%.0f records/s), skipped %d %s, to be converted to RGB %s, "
+                "animated (first frame used) %d", report.imported, path, report.seconds,
+                total / max(report.seconds, 1e-9), report.num_skipped, report.skipped, report.converted_modes,
+                report.animated)
     return good, report

@@ -71,8 +71,8 @@ def build_visual(cfg: DataConfig, work_dir: str | os.PathLike[str] | None = None
             json_path, getattr(cfg, f"{prefix}_image_dir"), on_error=cfg.llava_on_error,
             image_mode=cfg.llava_image_mode, num_proc=cfg.processes(), work_dir=work_dir,
         )
-        logger.info("imported %s into %s: %d records, skipped %s, converted to RGB %s", json_path, split,
-                    report.imported, report.skipped, report.converted_modes)
+        logger.info("imported %s into %s: %d records, skipped %s, converted to RGB %s, animated (first frame used) %d",
+                    json_path, split, report.imported, report.skipped, report.converted_modes, report.animated)
         splits[split] = imported
     return datasets.DatasetDict(splits)
 

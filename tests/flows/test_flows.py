@@ -81,6 +81,30 @@ def test_stages_are_flow_runs_and_known_errors_still_exit_2(tmp_path, prefect_se
     assert "dvc-stage" in failed["tags"] and "stage:tune" in failed["tags"]
 
 
+def test_a_stage_under_a_pipeline_run_is_its_child_run(tmp_path, prefect_server):
+    """What the UI's "Hide subflows" relies on: the stage's flow run has a parent task run, in the pipeline's run."""
+    from prefect import flow
+    from prefect.client.orchestration import SyncPrefectClient
+
+    api = f"{prefect_server.url}/api"
+    with SyncPrefectClient(api) as client:  # a pipeline flow run, as a worker would have started it
+        parent = client.create_flow_run(flow(name="visual-region-pipeline")(lambda: None), name=f"p-{uuid.uuid4().hex[:6]}")
+    ws = code_copy(tmp_path)
+    params = (REPO / "params" / "micro.yaml").read_text().replace("registry: {enabled: true,", "registry: {enabled: false,")
+    (ws / "params.yaml").write_text(params)
+    sh([PY, "-m", "stages.register"], ws, base_env(tmp_path, PREFECT_API_URL=api, VR_PIPELINE_FLOW_RUN=str(parent.id)),
+       timeout=180)
+
+    (child,) = flow_runs(api, tags={"all_": [f"pipeline-run:{parent.id}"]})
+    assert child["name"] == "register" and child["state_type"] == "COMPLETED"
+    tracker = prefect_api(api, f"task_runs/{child['parent_task_run_id']}")
+    assert tracker["flow_run_id"] == str(parent.id)
+    assert tracker["state_type"] == "COMPLETED" and tracker["state"]["state_details"]["child_flow_run_id"] == child["id"]
+    # the UI's "Hide subflows": runs without a parent task run, which lists the pipeline run and not the stage
+    top = {r["id"] for r in flow_runs(api, parent_task_run_id={"is_null_": True})}
+    assert str(parent.id) in top and child["id"] not in top
+
+
 # ---------------------------------------------------------------------------------------------------- pipeline flow
 def test_workspace_lock_admits_one_run(tmp_path):
     from flows.workspace import WorkspaceBusy, workspace_lock
@@ -138,10 +162,19 @@ def test_pipeline_flow_exp_run_with_overrides_push_and_summary(toy_env, s3_serve
     assert "nbytes: 2000" in kept.read_text()
 
 
-def test_pipeline_flow_refuses_a_busy_workspace_and_a_missing_bucket(toy_env):
+def last_pipeline_run(api: str) -> tuple[dict, str]:
+    """The newest run of the pipeline flow and the text of its log."""
+    run = prefect_api(api, "flow_runs/filter", {"flows": {"name": {"any_": ["visual-region-pipeline"]}},
+                                                "sort": "EXPECTED_START_TIME_DESC", "limit": 1})[0]
+    logs = prefect_api(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+    return run, "\n".join(entry["message"] for entry in logs)
+
+
+def test_pipeline_flow_refuses_a_busy_workspace_and_a_missing_bucket(toy_env, prefect_server):
     from flows.workspace import workspace_lock
 
     tmp, env = toy_env
+    api = f"{prefect_server.url}/api"
     ws = make_toy_workspace(tmp / "ws-faults", env, "s3://vr-no-such-bucket/dvc")
     with workspace_lock(ws):
         busy = sh([PY, "-m", "flows.pipeline", "--workspace", str(ws)], tmp, env, check=False, timeout=300)
@@ -152,6 +185,21 @@ def test_pipeline_flow_refuses_a_busy_workspace_and_a_missing_bucket(toy_env):
     assert env["AWS_ENDPOINT_URL_S3"] in missing.stderr and S3_SECRET not in missing.stderr + missing.stdout
     assert time.monotonic() - t0 < 60  # a missing bucket is not retried
     assert not (ws / "out").exists()  # nothing ran
+    # the flow run ends Failed with that one line; neither its log nor the command's output has a traceback
+    run, log = last_pipeline_run(api)
+    assert run["state_type"] == "FAILED" and "bucket 'vr-no-such-bucket' does not exist" in run["state"]["message"]
+    assert "\n" not in run["state"]["message"] and "bucket 'vr-no-such-bucket' does not exist" in log
+    assert "Traceback" not in log + missing.stderr + missing.stdout
+
+    # no endpoint set (neither the remote's endpointurl nor AWS_ENDPOINT_URL_S3): one line saying what to set
+    no_endpoint = {k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL_S3"}
+    unset = sh([PY, "-m", "flows.pipeline", "--workspace", str(ws)], tmp, no_endpoint, check=False, timeout=300)
+    assert unset.returncode == 2 and "Traceback" not in unset.stderr + unset.stdout
+    assert ("set AWS_ENDPOINT_URL_S3 or run: dvc remote modify --local s3 endpointurl http://127.0.0.1:8333"
+            in unset.stderr)
+    run, log = last_pipeline_run(api)
+    assert run["state_type"] == "FAILED" and "set AWS_ENDPOINT_URL_S3" in run["state"]["message"]
+    assert "Traceback" not in log
 
 
 # ---------------------------------------------------------------------------------------------------- deployments
@@ -163,9 +211,16 @@ def deployed(tmp_path_factory, prefect_server, s3_server, mlflow_server):
     prefix = f"micro-{uuid.uuid4().hex[:8]}"
     env = base_env(tmp, **s3_env(s3_server.url), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=mlflow_server.url,
                    PREFECT_CLI_PROMPT="false", PREFECT_WORKER_QUERY_SECONDS="2")
-    ws = make_project_workspace(tmp / "ws", env, f"s3://{BUCKET}/{prefix}")
-    sh([PY, "-m", "prefect", "work-pool", "create", "gpu", "--type", "process"], ws, env, timeout=120)
-    sh([PY, "-m", "prefect", "deploy", "--all"], ws, {**env, "VR_WORKSPACE": str(ws)}, timeout=300)
+    # a user's checkout; `make deploy` prepares the deployments' own workspace under it and deploys from it
+    checkout = make_project_workspace(tmp / "checkout", env, f"s3://{BUCKET}/{prefix}")
+    (checkout / ".gitignore").write_text((checkout / ".gitignore").read_text() + "/.services/\n")
+    sh(["git", "commit", "-qam", "ignore .services"], checkout, env)
+    ws = checkout / ".services" / "workspace"
+    sh([PY, "-m", "flows.workspace", "prepare", str(ws)], checkout, env, timeout=120)
+    sh([PY, "-m", "prefect", "work-pool", "create", "gpu", "--type", "process"], checkout, env, timeout=120)
+    sh([PY, "-m", "prefect", "deploy", "--all"], checkout, {**env, "VR_WORKSPACE": str(ws)}, timeout=300)
+    before = {str(f.relative_to(checkout)): f.read_bytes() for f in sorted(checkout.rglob("*"))
+              if f.is_file() and ".services" not in f.relative_to(checkout).parts}
 
     log = (tmp / "worker.log").open("w")
     worker = subprocess.Popen([PY, "-m", "prefect", "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
@@ -188,7 +243,25 @@ def deployed(tmp_path_factory, prefect_server, s3_server, mlflow_server):
             worker.wait(timeout=30)
         log.close()
     assert run["state_type"] == "COMPLETED", (run["state"], (tmp / "worker.log").read_text()[-8000:])
-    return {"ws": ws, "env": env, "api": api, "run": run}
+    after = {str(f.relative_to(checkout)): f.read_bytes() for f in sorted(checkout.rglob("*"))
+             if f.is_file() and ".services" not in f.relative_to(checkout).parts}
+    return {"ws": ws, "env": env, "api": api, "run": run, "checkout": checkout, "before": before, "after": after}
+
+
+def test_the_smoke_run_ran_in_its_own_workspace_and_left_the_checkout_untouched(deployed):
+    assert deployed["after"] == deployed["before"]  # byte for byte, .git included
+    assert (deployed["ws"] / "metrics" / "registry.json").is_file()  # the run's outputs are in the workspace
+    assert not (deployed["checkout"] / "models").exists()
+
+
+def test_a_deployment_refuses_a_workspace_make_deploy_did_not_prepare(deployed, tmp_path):
+    from flows.workspace import PipelineError, is_deployment_workspace, prepare_workspace, require_deployment_workspace
+
+    assert is_deployment_workspace(deployed["ws"]) and not is_deployment_workspace(deployed["checkout"])
+    with pytest.raises(PipelineError, match="is not a deployment workspace .* run `make deploy`"):
+        require_deployment_workspace(deployed["checkout"])
+    with pytest.raises(PipelineError, match="did not make"):  # nor does prepare take over someone's clone
+        prepare_workspace(deployed["ws"], deployed["checkout"])
 
 
 def test_deploy_all_registers_the_deployments_on_the_gpu_pool(deployed):
@@ -213,6 +286,9 @@ def test_worker_ran_every_stage_as_a_flow_run_of_the_pipeline_run(deployed):
     assert len(done) == len(stages), [(r["name"], r["state_type"]) for r in stages]
     for expected in [("prepare", "prepare"), ("tune", "tune@uniform50"), ("prune", "prune@all"), ("register", "register")]:
         assert expected in done, sorted(done)
+    # each a child run of the pipeline run (the UI's "Hide subflows" hides them)
+    for stage in stages:
+        assert prefect_api(api, f"task_runs/{stage['parent_task_run_id']}")["flow_run_id"] == run["id"], stage["name"]
 
 
 def test_summary_artifact_links_mlflow_and_lists_the_registry(deployed):

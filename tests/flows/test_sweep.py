@@ -274,8 +274,8 @@ def test_children_log_under_the_sweeps_mlflow_parent_run(cluster, swept):
     client = mlflow.MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
     parents = set()
     for name in CHILDREN | {"all"}:
-        sel = json.loads((cluster.ws / "models" / "tuned" / name / "selection.json").read_text())
-        run = client.get_run(sel["mlflow_run_id"])
+        record = json.loads((cluster.ws / "metrics" / "tune" / f"{name}.json").read_text())
+        run = client.get_run(record["mlflow_run_id"])
         assert run.data.params["run"] == name and "visual_score" in json.dumps(run.data.metrics), run.data.metrics
         parents.add(run.data.tags.get("mlflow.parentRunId"))
     assert len(parents) == 1 and None not in parents

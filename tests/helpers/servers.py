@@ -15,7 +15,7 @@ PY = sys.executable
 S3_KEY, S3_SECRET = "vr-test-access-key", "vr-test-secret-key"  # the throw-away store's only identity
 BUCKET = "visual-region"
 OUTER = ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "VR_PARAMS", "VR_PIPELINE_RUN_ID", "VR_PREFECT",
-         "VR_WORKSPACE", "PREFECT__FLOW_RUN_ID", "MLFLOW_S3_ENDPOINT_URL")
+         "VR_WORKSPACE", "PREFECT__FLOW_RUN_ID", "MLFLOW_S3_ENDPOINT_URL", "VR_PIPELINE_FLOW_RUN")
 
 
 def base_env(tmp: Path, **extra: str) -> dict[str, str]:

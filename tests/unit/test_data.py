@@ -607,3 +607,17 @@ def test_cmyk_jpeg_converts(tmp_path):
     ds, _ = pipeline.data.import_llava_json(path, tmp_path)
     r, g, b = pipeline.data.to_rgb(ds[0]["image"]).getpixel((2, 2))
     assert ds[0]["image"].size == (8, 8) and r > 200 and g < 60 and b < 60
+
+
+def test_an_animated_image_keeps_its_first_frame_and_the_report_counts_it(tmp_path):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    (tmp_path / "moving.gif").write_bytes(buffer.getvalue())
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "still.png")
+    path = write_json(tmp_path / "data.json", [good_record("a-1", "moving.gif"), good_record("s-1", "still.png")])
+
+    ds, report = pipeline.data.import_llava_json(path, tmp_path, image_mode="convert")
+    assert report.imported == 2 and report.animated == 1
+    first = pipeline.data.to_rgb(ds[0]["image"])
+    assert first.getpixel((4, 4))[0] > 200 and first.getpixel((4, 4))[1] < 50  # red: the first frame
