@@ -95,15 +95,21 @@ def load_gqa(data_dir: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------------- TextVQA
+def _list_under(path: Path, key: str) -> list:
+    """The list under `key` of the JSON object in `path`; a BenchmarkDataError naming the file otherwise."""
+    content = _read_json(path)
+    found = content.get(key) if isinstance(content, dict) else None
+    if not isinstance(found, list):
+        raise BenchmarkDataError(f"{path}: expected an object with a list under {key!r}")
+    return found
+
+
 def load_textvqa(data_dir: Path) -> list[dict]:
     """TextVQA 0.5.1 val (textvqa.org): TextVQA_0.5.1_val.json, {"data": [{question_id, image_id, question,
     answers (10)}, ...]}; train_images/<image_id>.jpg (the val images ship with the train ones)."""
     root = Path(data_dir) / "textvqa"
     path = root / "TextVQA_0.5.1_val.json"
-    content = _read_json(path)
-    data = content.get("data") if isinstance(content, dict) else None
-    if not isinstance(data, list):
-        raise BenchmarkDataError(f"{path}: expected an object with a list under 'data'")
+    data = _list_under(path, "data")
     records = []
     for k, q in enumerate(data):
         where = str(q.get("question_id", f"#{k}"))
@@ -177,10 +183,7 @@ def load_seedbench_img(data_dir: Path) -> list[dict]:
     with data_type 'image' (dimensions 1-9); SEED-Bench-image/<data_id> (with or without an extension)."""
     root = Path(data_dir) / "seedbench"
     path = root / "SEED-Bench.json"
-    content = _read_json(path)
-    questions = content.get("questions") if isinstance(content, dict) else None
-    if not isinstance(questions, list):
-        raise BenchmarkDataError(f"{path}: expected an object with a list under 'questions'")
+    questions = _list_under(path, "questions")
     records = []
     for k, q in enumerate(questions):
         if q.get("data_type") != "image":
