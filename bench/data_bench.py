@@ -39,6 +39,9 @@ workspace's schema first: with --new-keys auto (default) the ones it refuses are
 A stage whose process tree grows past --rss-limit-gb (default: 85% of the machine's memory) is killed (status
 `killed: rss limit`) before the kernel's OOM killer picks a process of someone else; the stages after it are
 skipped for that size. The exit code is 1 when a stage failed, after the table and the JSON are written.
+
+Longer than 400 lines on purpose: a benchmark is one script a user runs and reads top to bottom (the source data
+generator, the per-stage runs in child processes, the memory probes, the table), not a library.
 """
 
 from __future__ import annotations

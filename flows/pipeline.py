@@ -28,13 +28,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
 from prefect.exceptions import FailedRun
 from prefect.states import Failed
 
 from flows.services import check_prefect_api, one_line_known_errors
 from flows.workspace import (
-    REPO, PipelineError, check_endpoints, dvc, dvc_pull, dvc_push, require_deployment_workspace,
+    REPO, PipelineError, check_endpoints, dvc, dvc_pull, dvc_push, refuse_unprepared_workspace,
     start_from_committed_params, workspace_lock,
 )
 from pipeline.errors import ProjectError
@@ -130,9 +129,7 @@ def pipeline(workspace: str | None = None, params_file: str | None = None, overr
     try:
         if not (ws / "dvc.yaml").is_file():
             raise PipelineError(f"workspace {ws} has no dvc.yaml")
-        run = FlowRunContext.get().flow_run
-        if run is not None and run.deployment_id is not None:  # a deployment's run: never in someone's checkout
-            require_deployment_workspace(ws)
+        refuse_unprepared_workspace(ws)  # a deployment's run: never in someone's checkout
         with workspace_lock(ws):
             check_endpoints(ws, remote, needs_remote=pull or push)
             if pull:

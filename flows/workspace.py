@@ -21,6 +21,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
@@ -188,6 +189,17 @@ def require_deployment_workspace(workspace: Path) -> None:
                             "and a run would change its params.yaml and outputs): run `make deploy`, which prepares "
                             f"{DEPLOYMENT_WORKSPACE}, or `python -m flows.workspace prepare <dir>` and set "
                             "VR_WORKSPACE=<dir> for the worker")
+
+
+def refuse_unprepared_workspace(workspace: Path) -> None:
+    """In a flow run of a deployment, require_deployment_workspace(workspace); a run started by hand
+    (`python -m flows.pipeline`, `python -m flows.sweep`, `make study`) goes where its caller says, their own
+    checkout included. The one check for every flow that a deployment runs in VR_WORKSPACE (flows/pipeline.py,
+    flows/sweep/parent.py)."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is not None and run.deployment_id is not None:
+        require_deployment_workspace(workspace)
 
 
 def prepare_workspace(source: Path, dest: Path) -> str:

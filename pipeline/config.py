@@ -80,6 +80,9 @@ class DataConfig(_Value):
     llava_image_dir: str | None = None
     llava_on_error: Literal["raise", "skip"] = "raise"
     llava_image_mode: Literal["convert", "refuse"] = "convert"
+    # Absolute image paths in the LLaVA JSON taken as they are (else refused, as is any path leaving the image folder).
+    # DVC tracks the image folders only: a changed file at such a path does not re-run prepare.
+    llava_absolute_image_paths: bool = False
     # Processes that validate LLaVA records (each decodes its records' images once). null: every CPU core. The
     # prepared bytes do not depend on it.
     num_proc: int | None = Field(None, ge=1)
@@ -104,7 +107,10 @@ class DataConfig(_Value):
 
     def content_fields(self) -> dict[str, Any]:
         """The fields that shape the prepared bytes (num_proc only changes how fast they are made)."""
-        return {k: v for k, v in self.model_dump().items() if k != "num_proc"}
+        # The absolute-paths switch off refuses what was refused before it existed: left out, so the tiny default's
+        # prepared bytes (its manifest) stay those of earlier commits.
+        return {k: v for k, v in self.model_dump().items()
+                if k != "num_proc" and not (k == "llava_absolute_image_paths" and not v)}
 
 
 class ProfileSpec(_Value):
@@ -450,13 +456,26 @@ class MlflowParams(_Strict):
 class RegistryParams(_Strict):
     """The MLflow model registry (stage `register`): every run's checkpoints of the listed kinds become versions of
     `<model_name>-<run>[-tuned]` with alias `challenger`; `champion` only when both retentions (score / the `all`
-    run's tuned score) reach their thresholds."""
+    run's tuned score) reach their thresholds, and so does the retention on each benchmark score named in
+    `min_benchmark_retention` (pipeline/benchmark_scores.py: `<task>.<metric>`, a task with one score, or an average;
+    e.g. {visual_average: 0.95, mmlu: 1.0}). Empty: no benchmark gate (the default)."""
 
     enabled: bool = True
     model_name: str = Field("visual-region", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     kinds: list[Literal["pruned", "tuned"]] = Field(["pruned"], min_length=1)
     min_visual_retention: float = Field(0.9, ge=0, le=1)
     min_text_retention: float = Field(0.9, ge=0)
+    min_benchmark_retention: dict[str, float] = {}
+
+    @field_validator("min_benchmark_retention")
+    @classmethod
+    def _benchmark_floors(cls, floors):
+        for key, floor in floors.items():
+            if not key.strip() or key != key.strip() or key.startswith(".") or key.endswith("."):
+                raise ValueError(f"{key!r} is not a benchmark score name (`<task>` or `<task>.<metric>`)")
+            if not floor >= 0:  # NaN too
+                raise ValueError(f"{key}: the floor must be a number >= 0, got {floor}")
+        return floors
 
 
 class Params(_Strict):
@@ -487,6 +506,12 @@ class Params(_Strict):
         unknown = sorted(set(self.prune.curve.runs) - set(self.tune.all_runs()))
         if unknown:
             raise ValueError(f"prune.curve.runs: {unknown} are not tune runs")
+        # Without benchmarks no run has a benchmark score; which names the configured tasks give is known from the
+        # eval metrics only (groups, lm-eval's subtasks), so stage `register` checks the names against those.
+        if self.registry.min_benchmark_retention and not self.evaluate.benchmarks.tasks:
+            gated = sorted(self.registry.min_benchmark_retention)
+            raise ValueError(f"registry.min_benchmark_retention: gates on {gated}, "
+                             f"but evaluate.benchmarks.tasks is empty: no run has a benchmark score")
         return self
 
 

@@ -3,7 +3,8 @@
 - `register_checkpoint`: log a saved HF checkpoint directory as a pyfunc model (its artifact *is* the directory,
   copied as files: the model is not loaded to log it), register it as a new version and point `challenger` at it.
 - `gate` / `promote`: `champion` moves to a version only when its visual and text retention (score / the `all` run's
-  tuned score) each reach their threshold; a refused version leaves the current champion where it is.
+  tuned score) each reach their threshold, and so does its retention on each benchmark score the gate names
+  (`registry.min_benchmark_retention`); a refused version leaves the current champion where it is.
 - `load`: `models:/<name>@champion` in any process; predict takes rows of (image bytes, question) and answers text.
 
 The model's code travels with it (`code_paths`: this package), so loading needs only the packages, not this repo.
@@ -31,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from pipeline import benchmark_scores
 from pipeline.errors import ProjectError
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class GateDecision:
     visual_retention: float | None
     text_retention: float | None
     reasons: tuple[str, ...] = field(default=())  # why it was refused; empty when it passed
+    benchmark_retention: dict[str, float | None] = field(default_factory=dict)  # gate key -> retention; {}: none gated
 
     def summary(self) -> str:
         return "passed" if self.passed else "refused: " + "; ".join(self.reasons)
@@ -105,17 +108,74 @@ def _defined(x: float | None) -> bool:
     return x is not None and not math.isnan(x)
 
 
-def gate(visual_retention: float | None, text_retention: float | None, *, min_visual: float, min_text: float) -> GateDecision:
-    """`champion` needs visual retention >= min_visual and text retention >= min_text. An undefined retention (the
-    baseline scored 0) cannot show that anything was kept, so it refuses."""
+def gate(visual_retention: float | None, text_retention: float | None, *, min_visual: float, min_text: float,
+         benchmarks: dict[str, float | None] | None = None,
+         min_benchmarks: dict[str, float] | None = None) -> GateDecision:
+    """`champion` needs visual retention >= min_visual and text retention >= min_text, and, for each key of
+    `min_benchmarks` (registry.min_benchmark_retention: gate key -> floor), the retention `benchmarks` gives for it
+    (benchmark_retention's answer) >= its floor. An undefined retention (the baseline scored 0) cannot show that
+    anything was kept, so it refuses; so does a gated benchmark without a retention (its score is not in the
+    metrics)."""
     reasons = []
     for what, value, floor in (("visual", visual_retention, min_visual), ("text", text_retention, min_text)):
         if not _defined(value):
             reasons.append(f"{what} retention is undefined (the `all` baseline scores 0)")
         elif value < floor:
             reasons.append(f"{what} retention {value:.3f} < {floor:.3f}")
+    benchmarks = benchmarks or {}
+    recorded = {}
+    for key, floor in (min_benchmarks or {}).items():
+        if key not in benchmarks:
+            reasons.append(f"benchmark {key}: no score in this model's or the `all` run's eval metrics")
+            continue
+        value = benchmarks[key]
+        recorded[key] = value if _defined(value) else None
+        if not _defined(value):
+            reasons.append(f"benchmark {key} retention is undefined "
+                           f"(the `all` baseline scores 0, or a score is no number)")
+        elif value < floor:
+            reasons.append(f"benchmark {key} retention {value:.3f} < {floor:.3f}")
     clean = [v if _defined(v) else None for v in (visual_retention, text_retention)]
-    return GateDecision(passed=not reasons, visual_retention=clean[0], text_retention=clean[1], reasons=tuple(reasons))
+    return GateDecision(passed=not reasons, visual_retention=clean[0], text_retention=clean[1], reasons=tuple(reasons),
+                        benchmark_retention=recorded)
+
+
+def _gated_score(benchmarks: dict | None, key: str) -> tuple[bool, float | None]:
+    """(found, value) of the score gate key `key` names in one model's `benchmarks` metrics; RegistryError naming the
+    key when it names several (a task with several scores: the key must say which)."""
+    found = benchmark_scores.scores(benchmarks)
+    names = benchmark_scores.matching(found, key)
+    if len(names) > 1:
+        raise RegistryError(f"registry.min_benchmark_retention.{key}: names {len(names)} scores ({', '.join(names)}); "
+                            f"name one of them")
+    return (True, found[names[0]]) if names else (False, None)
+
+
+def benchmark_retention(benchmarks: dict | None, baseline: dict | None, keys) -> dict[str, float | None]:
+    """Gate key -> the model's retention on the score it names: the model's `benchmarks` metrics against the
+    baseline's (the `all` run's tuned ones), as pipeline.evaluation.retention (NaN when the baseline scores 0). A key
+    whose score is missing from either is left out (the gate refuses it); a score that is not a number gives None."""
+    from pipeline.evaluation import retention  # that module imports torch: not at the top of this one
+
+    out = {}
+    for key in keys:
+        (has_score, score), (has_base, base) = _gated_score(benchmarks, key), _gated_score(baseline, key)
+        if has_score and has_base:
+            out[key] = None if score is None or base is None else retention(score, base)
+    return out
+
+
+def check_benchmark_keys(keys, metrics: list[dict | None]) -> None:
+    """RegistryError (one line, naming the key) for a gate key that names no score in any of `metrics` (the
+    `benchmarks` entries of every model the gate reads: a misspelt name, or a benchmark no run evaluated) or that
+    names several scores in one of them; call it before registering anything."""
+    for key in keys:
+        found = [_gated_score(benchmarks, key)[0] for benchmarks in metrics]  # each model: several names fail here
+        if not any(found):
+            known = benchmark_scores.ordered(name for benchmarks in metrics
+                                             for name in benchmark_scores.scores(benchmarks))
+            raise RegistryError(f"registry.min_benchmark_retention.{key}: no run's eval metrics have this benchmark "
+                                f"score (they have: {', '.join(known) or 'none'})")
 
 
 # ---------------------------------------------------------------------------------------------------- registry

@@ -1,5 +1,6 @@
 """The layer-selection report: every tune run against the baseline (retention), the layer-count sweep, the pruning
-curves, and the paper's claims checked on these numbers; as rows, a markdown report, figures and CSV plot data.
+curves, the published benchmarks (when the runs were evaluated on any) and the paper's claims checked on these
+numbers; as rows, a markdown report, figures and CSV plot data.
 
 The claims compare runs picked from params by what they are, not by name (`claim_runs`): the baseline `all` (the
 params schema requires it), the first uniform and the first contiguous-top run of a 25% budget in `tune.runs`."""
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline import intervals
+from pipeline import benchmark_scores, intervals
 from pipeline.evaluation import retention
 
 BASELINE = "all"  # the run every retention is measured against (pipeline/config.py requires it in tune.runs)
@@ -64,6 +65,23 @@ def run_rows(runs: dict, evals: dict[str, dict], layers: dict[str, list[int]],
             "pruned_layers": pruned["num_decoder_layers"],
         }
     return rows
+
+
+def benchmark_rows(evals: dict[str, dict], kind: str = "tuned") -> dict[str, dict[str, dict]]:
+    """The benchmark table of one kind of model (tuned or pruned): score name (pipeline/benchmark_scores.py, e.g.
+    `pope_random.f1`; the averages first) -> run -> {"score", "retention"}, retention = score / the `all` run's tuned
+    score on that benchmark (None where either is missing or not a number). Every score of any run's metrics is a row;
+    {} when no run has a benchmark score (evaluate.benchmarks empty)."""
+    found = {name: benchmark_scores.scores(e[kind].get("benchmarks")) for name, e in evals.items()}
+    base = benchmark_scores.scores(evals[BASELINE]["tuned"].get("benchmarks"))
+    table: dict[str, dict[str, dict]] = {}
+    for score_name in benchmark_scores.ordered(n for scores in found.values() for n in scores):
+        table[score_name] = {}
+        for run, scores in found.items():
+            score, baseline = scores.get(score_name), base.get(score_name)
+            kept = None if score is None or baseline is None else retention(score, baseline)
+            table[score_name][run] = {"score": score, "retention": kept}
+    return table
 
 
 def sweep_rows(rows: dict[str, dict], runs: dict) -> list[dict]:
@@ -236,8 +254,10 @@ def read_loss_csv(text: str) -> list[tuple[int, float]]:
     return [(int(step), float(loss)) for step, loss, *_ in rows]
 
 
-def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str]) -> str:
-    """The report. `figure_links`: the figures' paths relative to the report."""
+def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str],
+             benchmarks: dict[str, dict] | None = None) -> str:
+    """The report. `figure_links`: the figures' paths relative to the report; `benchmarks`: kind (tuned, pruned) ->
+    its benchmark_rows, a section for each that has any (none: the report has no benchmark section)."""
     lines = [
         "# Layer-selection report", "",
         "Retention = score / the `all` run's score. Visual = mean exact-match accuracy over the question types "
@@ -258,6 +278,9 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str]) ->
     types = sorted({t for r in rows.values() for t in r["per_type"]})
     lines += ["", "## Accuracy per question type", "", "| run | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
     lines += [f"| {name} | " + " | ".join(fmt(r["per_type"].get(t)) for t in types) + " |" for name, r in rows.items()]
+    for kind, table in (benchmarks or {}).items():
+        if table:
+            lines += ["", *benchmark_table(kind, table)]
     if curves:
         longest = max(curves.values(), key=len)
         lines += ["", "## Pruning curves (visual score after removing k layers)", "",
@@ -277,6 +300,19 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str]) ->
         lines += [f"- {verdict}: {claim} ({evidence})" for claim, verdict, evidence in checks]
     lines += ["", "## Figures", ""] + [f"![{Path(link).stem}]({link})" for link in figure_links]
     return "\n".join(lines) + "\n"
+
+
+def benchmark_table(kind: str, table: dict[str, dict[str, dict]]) -> list[str]:
+    """One benchmark_rows table as markdown lines: a row per score, a column per run, each cell `score (retention)`."""
+    runs = list(next(iter(table.values())))
+    lines = [f"## Published benchmarks ({kind} models)", "",
+             f"Each cell: the {kind} model's score (its retention = score / the `all` run's tuned score). "
+             "A score's name is what `registry.min_benchmark_retention` takes (docs/benchmarks.md).", "",
+             "| benchmark | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for score_name, cells in table.items():
+        lines.append(f"| {score_name} | " + " | ".join(
+            f"{fmt(cells[run]['score'])} ({fmt(cells[run]['retention'])})" for run in runs) + " |")
+    return lines
 
 
 def retention_csv(sweep: list[dict]) -> str:

@@ -6,8 +6,8 @@ pre-emption) leaves such a path behind but never a half-written destination; the
 removes the leftovers of writers that are no longer running (`sweep_stale`).
 
 Every file written follows the process umask (0644 under the usual 022), the model weights included (safetensors
-writes them 0600). An OSError writing an output (permission denied, disk full, read-only) is an `OutputError` naming
-the output. Metrics files are strict JSON: a non-finite float is written as `null`, never `NaN`. One writer per
+writes them 0600). An OSError writing an output (permission denied, disk full, read-only), or safetensors' error carrying one, is an
+`OutputError` naming the output. Metrics files are strict JSON: a non-finite float is written as `null`, never `NaN`. One writer per
 output: a stage holds `exclusive_lock` on its outputs for its whole run.
 """
 
@@ -126,7 +126,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if _refused(err):
-            raise _output_error(path, err) from err
+            raise _output_error(path, _as_os_error(err)) from err
         raise
 
 
@@ -186,8 +186,25 @@ def follow_umask(root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- refusals, locks
+# safetensors (Rust) reports a failed write as SafetensorError("Error while serializing: I/O error: No space left on
+# device (os error 28)"), not as an OSError: the OS error it carries is read back from its message.
+_OS_ERROR_IN_MESSAGE = re.compile(r"I/O error: (?P<strerror>.*?) \(os error (?P<errno>\d+)\)")
+
+
+def _as_os_error(err: BaseException) -> OSError | None:
+    """`err` itself if it is an OSError; the OS error a writer library's own error carries (safetensors'); else None."""
+    if isinstance(err, OSError):
+        return err
+    if type(err).__name__ == "SafetensorError":
+        m = _OS_ERROR_IN_MESSAGE.search(str(err))
+        if m:
+            return OSError(int(m.group("errno")), m.group("strerror"))
+    return None
+
+
 def _refused(err: BaseException) -> bool:
-    return isinstance(err, OSError) and not isinstance(err, OutputError) and err.errno in OUTPUT_ERRNOS
+    err = _as_os_error(err)
+    return err is not None and not isinstance(err, OutputError) and err.errno in OUTPUT_ERRNOS
 
 
 def _output_error(out: Path, err: OSError) -> OutputError:
@@ -201,9 +218,9 @@ def writing(out: str | os.PathLike) -> Iterator[None]:
     one OutputError naming it. Other errors pass unchanged (a missing input is not the output's fault)."""
     try:
         yield
-    except OSError as err:
+    except Exception as err:
         if _refused(err):
-            raise _output_error(Path(out), err) from err
+            raise _output_error(Path(out), _as_os_error(err)) from err
         raise
 
 

@@ -37,7 +37,8 @@ HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BAC
 
 
 class TrackingError(ProjectError, RuntimeError):
-    """The MLflow tracking server stopped answering while a stage used it; the message names the server."""
+    """The MLflow tracking store failed a stage: the server stopped answering, or a local database refused a write;
+    the message names the server or the database."""
 
 
 def bound_http_retries() -> None:
@@ -215,27 +216,53 @@ _CONNECTION_FAILURES = (
 )
 
 
-def outage(err: BaseException, tracking_uri: str | None = None) -> TrackingError | None:
-    """A TrackingError naming the server when `err` (or an exception it was raised from or during) is MLflow's
-    client failing to reach an HTTP tracking server; None for anything else (local stores included)."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri.startswith(("http://", "https://")):
-        return None
-    # The exception, then what it was raised from or during: when a request fails inside `with start_run()`, ending
-    # the run fails too and is raised last, so the original failure is the deepest one found.
-    seen, todo, found = set(), [err], []
+# What SQLite says when a local tracking database (sqlite:///...) cannot take a write: the file or its folder turned
+# read-only, the disk is full, or the file went away. Not a bug of the stage: the database's place.
+_DATABASE_REFUSALS = ("attempt to write a readonly database", "database or disk is full", "disk I/O error",
+                      "unable to open database file")
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """The exception, then what it was raised from or during: when a request fails inside `with start_run()`, ending
+    the run fails too and is raised last, so the original failure is the deepest one found."""
+    seen, todo = set(), [err]
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+
+
+def _database_refusal(err: BaseException, uri: str) -> TrackingError | None:
+    for e in _chain(err):
+        if type(e).__module__.startswith(("mlflow", "sqlalchemy", "sqlite3")):
+            reason = next((r for r in _DATABASE_REFUSALS if r in str(e)), None)
+            if reason is not None:
+                return TrackingError(f"the MLflow tracking database {uri} refused a write: {reason}; the run could "
+                                     "not be ended (the re-run sets it KILLED): make the database writable and run "
+                                     "the stage again")
+    return None
+
+
+def outage(err: BaseException, tracking_uri: str | None = None) -> TrackingError | None:
+    """A TrackingError naming the store when `err` (or an exception it was raised from or during) is MLflow's client
+    failing to reach an HTTP tracking server, or a local sqlite database refusing a write (read-only, disk full);
+    None for anything else."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlruns.db'}"
+    if uri.startswith("sqlite:"):
+        return _database_refusal(err, uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    found = []
+    for e in _chain(err):
         text = str(e)
         if type(e).__module__.startswith(("mlflow", "requests", "urllib3")):
             reason = next((short for marker, short in _CONNECTION_FAILURES if marker in text), None)
             if reason is not None:
                 call = re.search(r"API request to (\S+) failed", text)
                 found.append((call.group(1).removeprefix(uri.rstrip("/")) if call else None, reason))
-        todo += [e.__cause__, e.__context__]
     if not found:
         return None
     where, reason = next((f for f in reversed(found) if f[0]), found[-1])

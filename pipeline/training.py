@@ -1,5 +1,9 @@
 """Training on the transformers Trainer: supervised visual instruction data (loss on answer tokens only), text
-pretraining for the tiny LM, checkpoints for resume, a loss history for plots."""
+pretraining for the tiny LM, checkpoints for resume, a loss history for plots.
+
+Longer than 400 lines on purpose: the Trainer subclass (`_trainer_class`), its checkpoint fingerprint and resume
+rules, the loss guard and the full-state gathering under FSDP all act on one Trainer run and its checkpoint
+directory; split across modules they would pass the Trainer's internals between them."""
 
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ def under_prefect() -> bool:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # MLflow's sqlite store logs the traceback of a database error and then raises it: the raised error is reported
+    # once, as one line (a project error, e.g. a read-only tracking database) or with its traceback (a bug).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def run(main: Callable[[list[str]], None], *, outage: Callable[[BaseException], BaseException | None] | None = None,

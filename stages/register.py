@@ -1,5 +1,6 @@
 """Stage `register`: every run's checkpoints (`registry.kinds`) become MLflow model versions with alias `challenger`;
-`champion` moves only through the gate (visual and text retention vs the `all` run's tuned scores). Writes
+`champion` moves only through the gate (visual and text retention vs the `all` run's tuned scores, and on the
+benchmark scores `registry.min_benchmark_retention` names). Writes
 `metrics/registry.json`. With `registry.enabled: false` it registers nothing and says so in that file.
 
     python -m stages.register
@@ -35,7 +36,9 @@ def main(argv: list[str]) -> None:
     runs = params.tune.all_runs()
     evals = {name: inputs.read_json(paths.stage_metrics("eval", name), inputs.stage_name(params, "evaluate", name),
                                     ("tuned", "pruned")) for name in runs}
-    base = evals["all"]["tuned"]
+    base, floors = evals["all"]["tuned"], cfg.min_benchmark_retention
+    registry.check_benchmark_keys(floors, [base.get("benchmarks"), *(e[kind].get("benchmarks") for e in evals.values()
+                                                                      for kind in cfg.kinds)])
     tracking.setup(params.mlflow.experiment)
     results: dict = {"enabled": True, "models": {}}
     for name in runs:
@@ -45,7 +48,8 @@ def main(argv: list[str]) -> None:
             decision = registry.gate(
                 retention(scores["visual_score"], base["visual_score"]),
                 retention(scores["text_qa_accuracy"], base["text_qa_accuracy"]),
-                min_visual=cfg.min_visual_retention, min_text=cfg.min_text_retention,
+                min_visual=cfg.min_visual_retention, min_text=cfg.min_text_retention, min_benchmarks=floors,
+                benchmarks=registry.benchmark_retention(scores.get("benchmarks"), base.get("benchmarks"), floors),
             )
             model = registry.model_name(cfg.model_name, name, kind)
             path, stage = CHECKPOINTS[kind]
@@ -61,7 +65,7 @@ def main(argv: list[str]) -> None:
                 "model": model, "version": int(version), "champion": _int(registry.alias_version(model, registry.CHAMPION)),
                 "promoted": decision.passed, "gate": decision.summary(),
                 "visual_retention": decision.visual_retention, "text_retention": decision.text_retention,
-            }
+            } | ({"benchmark_retention": decision.benchmark_retention} if floors else {})
     atomic_write_json(paths.stage_metrics("registry"), results)
 
 

@@ -1,6 +1,6 @@
-"""Stage `report`: every run against the `all` baseline (retention), the layer-count sweep, the pruning curves, and
-the paper's claims checked on these numbers -- as metrics, a markdown report, figures and DVC plot data
-(pipeline/report.py).
+"""Stage `report`: every run against the `all` baseline (retention), the layer-count sweep, the pruning curves, the
+published benchmarks (when any were run) and the paper's claims checked on these numbers -- as metrics, a markdown
+report, figures and DVC plot data (pipeline/report.py).
 
     python -m stages.report
 """
@@ -39,7 +39,8 @@ def main(argv: list[str]) -> None:
     atomic_write_text(paths.RETENTION_PLOT, report.retention_csv(sweep))
     atomic_write_json(paths.SUMMARY, report.summary(rows, checks))
     links = [os.path.relpath(path, paths.REPORT.parent) for path in sorted(written)]
-    text = report.markdown(rows, curves, checks, links)
+    benchmarks = {kind: report.benchmark_rows(evals, kind) for kind in ("tuned", "pruned")}
+    text = report.markdown(rows, curves, checks, links, benchmarks)
     atomic_write_text(paths.REPORT, text)
 
     mlflow = tracking.setup(params.mlflow.experiment)

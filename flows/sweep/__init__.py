@@ -3,8 +3,9 @@
 
 The parent flow `visual-region-sweep` (parent.py), in its workspace (a git clone with the DVC remote set up):
 
-1. locks the workspace, checks the endpoints, `dvc pull`s what the remote already has, and starts from the committed
-   params.yaml with `params_file` copied onto it (as flows/pipeline.py does; the params are validated here);
+1. refuses, in a deployment's run, a workspace that `make deploy` did not prepare (as flows/pipeline.py does: it may
+   be someone's checkout); locks the workspace, checks the endpoints, `dvc pull`s what the remote already has, and
+   starts from the committed params.yaml with `params_file` copied onto it (the params are validated here);
 2. plans (plan.py, from dvc.yaml's stages and the params): the stages of each selection (`tune@X`, `prune@X`,
    `evaluate@X`, or the `*_importance` ones), and the shared upstream the selections read: prepare, build_base,
    pretrain_projector and the baseline `all` (and any run an importance run is scored on);

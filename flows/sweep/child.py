@@ -15,10 +15,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import Artifact
 from prefect.runtime import flow_run as current_run
 
+from flows.services import one_line_known_errors
 from flows.sweep import exchange
 from flows.workspace import (
     RETRY_TRANSIENT, PipelineError, check_endpoints, clone_at, dvc, dvc_pull, dvc_push, dvc_repro, remote_config,
 )
+
+one_line_known_errors()  # a known error is one line in the run's log (a worker imports this module to run the flow)
 
 CHILD_FLOW = "visual-region-sweep-child"
 RESULT_TYPE = "vr-sweep-result"  # the artifact a child leaves for the parent (JSON metadata; read through the API)

@@ -11,17 +11,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as current_run
 
-from flows.services import check_prefect_api
+from flows.services import check_prefect_api, one_line_known_errors
 from flows.sweep import exchange
 from flows.sweep.child import CHILD_FLOW, START_FILES
 from flows.sweep.fanout import COMPLETED, FAILED, IN_PARENT, PENDING, UP_TO_DATE, Child, fan_out
 from flows.sweep.gather import gather, sweep_markdown
 from flows.sweep.plan import Stage, SweepPlan, plan_sweep
 from flows.workspace import (
-    REPO, PipelineError, check_endpoints, dvc_pull, dvc_push, dvc_repro, dvc_stages, dvc_status, git, remote_config,
-    start_from_committed_params, workspace_lock,
+    REPO, PipelineError, check_endpoints, dvc_pull, dvc_push, dvc_repro, dvc_stages, dvc_status, git,
+    refuse_unprepared_workspace, remote_config, start_from_committed_params, workspace_lock,
 )
 from pipeline import config
+
+one_line_known_errors()  # a known error is one line in the run's log (a worker imports this module to run the flow)
 
 SWEEP_FLOW = "visual-region-sweep"
 CHILD_DEPLOYMENT = f"{CHILD_FLOW}/sweep-child"
@@ -90,6 +92,7 @@ def sweep(workspace: str | None = None, params_file: str = "params/study.yaml", 
     ws = Path(workspace or REPO).resolve()
     if not (ws / "dvc.yaml").is_file():
         raise PipelineError(f"workspace {ws} has no dvc.yaml")
+    refuse_unprepared_workspace(ws)  # a deployment's run: never in someone's checkout
     sweep_id = str(current_run.id)
     with workspace_lock(ws):
         check_endpoints(ws, remote, needs_remote=True)

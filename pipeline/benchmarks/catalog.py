@@ -99,3 +99,41 @@ def check_files(tasks: list[str], data_dir: str | Path) -> None:
         task, path = next(iter(missing.items()))
         raise BenchmarkFilesError(f"benchmark {task}: {path} is missing (evaluate.benchmarks.data_dir; "
                                   f"docs/benchmarks.md says where to get it)")
+
+
+# ------------------------------------------------------------------------------------------------------ averages
+# Each benchmark's headline score, in [0, 1], for the visual and text averages (the paper's "average over the
+# benchmarks"): the metric a paper's table quotes for it. MME's perception + cognition sum is divided by its maximum,
+# 2800 (14 categories of at most 200). A group (POPE's three splits) counts once, as the mean of its tasks.
+HEADLINE = {"pope_random": "f1", "pope_popular": "f1", "pope_adversarial": "f1", "gqa": "exact_match",
+            "textvqa_val": "vqa_accuracy", "scienceqa_img": "accuracy", "mmbench_dev_en": "accuracy",
+            "mmbench_dev_en_circular": "circular_accuracy", "seedbench_img": "accuracy", "mmlu_csv": "acc"}
+MME_MAX = 2800.0
+AVERAGE_METRIC = "mean"  # the averages' entry: {"visual_average": {"mean": ...}}
+
+
+def headline(task: str, metrics: dict[str, float | None]) -> float | None:
+    """The task's headline score (HEADLINE; MME normalised; for lm-eval's own tasks `acc`, else `exact_match`), None
+    when its metrics lack it."""
+    if task == "mme":
+        parts = [metrics.get("perception"), metrics.get("cognition")]
+        return None if None in parts else sum(parts) / MME_MAX
+    for metric in (HEADLINE.get(task), "acc", "exact_match"):
+        if metric is not None and metrics.get(metric) is not None:
+            return metrics[metric]
+    return None
+
+
+def averages(scores: dict[str, dict[str, float | None]], configured: list[str]) -> dict[str, dict[str, float]]:
+    """{"visual_average": {"mean": ...}, "text_average": {...}} over the configured benchmarks (names as in params,
+    groups unexpanded; lm-eval's subtasks not counted twice) that have a headline score; a kind without any is left
+    out. An average over a subset of tasks is not comparable with one over another subset: every run of a pipeline is
+    scored on the same configured tasks."""
+    per_kind: dict[str, list[float]] = {"visual": [], "text": []}
+    for name in dict.fromkeys(configured):
+        members = GROUPS.get(name, (name,))
+        values = [headline(task, scores[task]) for task in members if task in scores]
+        values = [v for v in values if v is not None]
+        if values:
+            per_kind[kind(members[0])].append(sum(values) / len(values))
+    return {f"{k}_average": {AVERAGE_METRIC: sum(v) / len(v)} for k, v in per_kind.items() if v}

@@ -52,16 +52,19 @@ def _datasets_offline() -> None:
 
 
 def _flat_scores(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lm-eval's results: the unfiltered ('none') metrics, without stderr; a group entry
-    without metrics of its own is left out."""
+    """{task: {metric: value}} from lm-eval's results, without stderr: the unfiltered ('none') metrics, or, for a task
+    that reports only filtered ones (BBH's chain-of-thought tasks: 'get-answer'), those of its first filter; a group
+    entry without metrics of its own is left out."""
     scores: dict[str, dict[str, float]] = {}
     for task, entries in results.get("results", {}).items():
-        metrics = {}
+        by_filter: dict[str, dict[str, float | None]] = {}
         for key, value in entries.items():
             metric, _, filter_name = key.partition(",")
-            if filter_name != "none" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
-            metrics[metric] = None if isinstance(value, float) and not math.isfinite(value) else float(value)
+            by_filter.setdefault(filter_name, {})[metric] = \
+                None if isinstance(value, float) and not math.isfinite(value) else float(value)
+        metrics = by_filter.get("none") or next(iter(by_filter.values()), None)
         if metrics:
             scores[task] = metrics
     return scores
@@ -106,10 +109,10 @@ def run_benchmarks(model_dir: str | Path, params, data_dir: str | Path | None = 
     """Evaluate the checkpoint at `model_dir` on `params.tasks` (a config.BenchmarksParams; groups and lm-eval task
     names allowed), or on `tasks` (runnable_tasks' answer, already checked). `loaded`: the checkpoint's (model,
     processor) when the caller has them, else they are loaded (`dtype`, default float32). Returns {"scores": {task:
-    {metric: value}}, "results": lm-eval's results JSON per kind (visual, text) without samples, "samples": {task:
-    [lm-eval's per-question records]}, "throughput": {kind: {samples, seconds, samples_per_second}}}, all strict
-    JSON. Tasks whose files are missing raise BenchmarkFilesError (on_missing fail) or are left out with a warning
-    (skip), before the model is loaded."""
+    {metric: value}} plus `visual_average` / `text_average` ({"mean": ...}, catalog.averages), "results": lm-eval's
+    results JSON per kind (visual, text) without samples, "samples": {task: [lm-eval's per-question records]},
+    "throughput": {kind: {samples, seconds, samples_per_second}}}, all strict JSON. Tasks whose files are missing
+    raise BenchmarkFilesError (on_missing fail) or are left out with a warning (skip), before the model is loaded."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -143,6 +146,8 @@ def run_benchmarks(model_dir: str | Path, params, data_dir: str | Path | None = 
         out["throughput"][kind] = {"samples": count, "seconds": seconds,
                                    "samples_per_second": count / seconds if seconds > 0 else None}
         log.info("benchmarks (%s): %d questions in %.1f s", kind, count, seconds)
+    configured = [name for name in params.tasks if any(t in tasks for t in catalog.GROUPS.get(name, (name,)))]
+    out["scores"] |= catalog.averages(out["scores"], configured)  # what the report and the registry gate read
     return out
 
 

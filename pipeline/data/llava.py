@@ -234,13 +234,18 @@ def _read_llava_file(path: Path) -> Iterator[tuple[int | None, Any] | DataError]
     return iter(_JsonListReader(path))
 
 
-def _image_path(ctx: _Ctx, image_dir: Path, name: str) -> Path:
-    """`name` resolved inside `image_dir`; a path that leaves it (absolute, or `..`) is refused."""
+def _image_path(ctx: _Ctx, image_dir: Path, name: str, absolute_paths: bool = False) -> Path:
+    """`name` resolved inside `image_dir`; a path that leaves it (absolute, or `..`) is refused. With
+    `absolute_paths` an absolute path is taken as it is (a relative one must still stay inside)."""
     rel = Path(name)
+    if rel.is_absolute() and absolute_paths:
+        return rel
     root = image_dir.resolve()
     full = (root / rel).resolve()
     if rel.is_absolute() or not full.is_relative_to(root):
-        raise ctx.error("image", "image_outside_dir", f"image path {name!r} leaves the image folder {image_dir}")
+        hint = " (data.llava_absolute_image_paths: true allows absolute paths)" if rel.is_absolute() else ""
+        raise ctx.error("image", "image_outside_dir",
+                        f"image path {name!r} leaves the image folder {image_dir}{hint}")
     return image_dir / rel
 
 
@@ -271,7 +276,8 @@ def _read_image(ctx: _Ctx, image_path: Path, image_mode: str) -> tuple[bytes, st
     return data, mode, frames
 
 
-def _normalise_record(raw: Any, ctx: _Ctx, image_dir: Path, image_mode: str) -> tuple[dict, str | None, int]:
+def _normalise_record(raw: Any, ctx: _Ctx, image_dir: Path, image_mode: str,
+                      absolute_paths: bool = False) -> tuple[dict, str | None, int]:
     """The record in the prepared schema, the mode its image will be converted from (None: already RGB), and the
     image's number of frames (0: no image)."""
     if not isinstance(raw, dict):
@@ -353,7 +359,7 @@ def _normalise_record(raw: Any, ctx: _Ctx, image_dir: Path, image_mode: str) -> 
     image: dict | None = None
     converted, frames = None, 0
     if has_image:
-        data, converted, frames = _read_image(ctx, _image_path(ctx, image_dir, raw["image"]), image_mode)
+        data, converted, frames = _read_image(ctx, _image_path(ctx, image_dir, raw["image"], absolute_paths), image_mode)
         image = {"bytes": data, "path": None}
     return {"id": ctx.record_id, "image": image, "conversations": turns, "qtype": "imported"}, converted, frames
 
@@ -390,7 +396,7 @@ def _error_row(index: int, err: DataError) -> dict:
 
 
 def _validate_chunks(chunks: list[tuple[int, int]], work_file: str, source: str, image_dir: str, image_mode: str,
-                     stop_at_error: bool, total: int) -> Iterator[dict]:
+                     stop_at_error: bool, total: int, absolute_paths: bool = False) -> Iterator[dict]:
     """One worker's share of the records: each validated into a prepared record, or an error row."""
     path, folder = Path(source), Path(image_dir)
     done, start, last_log = 0, time.perf_counter(), time.perf_counter()
@@ -403,7 +409,8 @@ def _validate_chunks(chunks: list[tuple[int, int]], work_file: str, source: str,
                 try:
                     if error:
                         raise DataError(error[0], path=source, index=index, field="<json>", reason="malformed_json")
-                    record, converted, frames = _normalise_record(raw, _Ctx(path, index, line), folder, image_mode)
+                    record, converted, frames = _normalise_record(raw, _Ctx(path, index, line), folder, image_mode,
+                                                                   absolute_paths)
                     yield {"index": index, **record, "error": None, "reason": None, "error_field": None,
                            "error_id": None, "converted": converted, "frames": frames}
                 except DataError as err:
@@ -436,10 +443,12 @@ def import_llava_json(
     image_mode: Literal["convert", "refuse"] = "convert",
     num_proc: int = 1,
     work_dir: str | os.PathLike[str] | None = None,
+    absolute_paths: bool = False,
 ) -> tuple[datasets.Dataset, ImportReport]:
     """Validate and import a LLaVA-format dataset (JSON list, or .jsonl one record per line).
 
-    ``image`` paths are relative to ``image_dir`` (default: the JSON file's folder) and may not leave it. Text-only
+    ``image`` paths are relative to ``image_dir`` (default: the JSON file's folder) and may not leave it; absolute
+    paths are refused unless ``absolute_paths`` (then taken as they are). Text-only
     records (no ``image``) are kept with image=None and must contain no ``<image>`` token. Images are decoded to
     check them and stored as their files' bytes; a non-RGB one is refused when ``image_mode='refuse'``. With
     ``on_error='skip'`` bad records are skipped, logged and counted per reason in the report; otherwise the first bad
@@ -469,7 +478,7 @@ def import_llava_json(
             num_proc=min(num_proc, len(chunks)) if num_proc > 1 and len(chunks) > 1 else None,
             gen_kwargs={"chunks": chunks, "work_file": str(work / "records.jsonl"), "source": str(path),
                         "image_dir": str(folder), "image_mode": image_mode, "stop_at_error": on_error == "raise",
-                        "total": total},
+                        "total": total, "absolute_paths": absolute_paths},
         )
     else:
         staged = datasets.Dataset.from_dict({k: [] for k in _WORK_FEATURES}, features=_WORK_FEATURES)

@@ -70,6 +70,7 @@ def build_visual(cfg: DataConfig, work_dir: str | os.PathLike[str] | None = None
         imported, report = import_llava_json(
             json_path, getattr(cfg, f"{prefix}_image_dir"), on_error=cfg.llava_on_error,
             image_mode=cfg.llava_image_mode, num_proc=cfg.processes(), work_dir=work_dir,
+            absolute_paths=cfg.llava_absolute_image_paths,
         )
         logger.info("imported %s into %s: %d records, skipped %s, converted to RGB %s, animated (first frame used) %d",
                     json_path, split, report.imported, report.skipped, report.converted_modes, report.animated)

@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from servers import (
@@ -203,6 +204,69 @@ def test_pipeline_flow_refuses_a_busy_workspace_and_a_missing_bucket(toy_env, pr
 
 
 # ---------------------------------------------------------------------------------------------------- deployments
+def ensure_gpu_pool(api: str, cwd: Path, env: dict[str, str]) -> None:
+    """The process work pool `gpu`, created unless an earlier test of the session did (as `make deploy` does)."""
+    try:
+        prefect_api(api, "work_pools/gpu")
+    except httpx.HTTPStatusError:  # 404: not there yet
+        sh([PY, "-m", "prefect", "work-pool", "create", "gpu", "--type", "process"], cwd, env, timeout=120)
+
+
+def test_deployment_runs_refuse_an_unprepared_workspace_in_one_line_and_a_worker_stops_on_one_interrupt(
+        tmp_path, prefect_server):
+    """The deployments pointed at a user's checkout (`VR_WORKSPACE=<checkout>`, not a workspace `make deploy`
+    prepared): a worker's runs of `micro-smoke` (flows/pipeline.py) and `sweep` (flows/sweep/parent.py) refuse it
+    before any work, each ending Failed with the one line that says what to run; neither the run's log (the UI) nor
+    the worker's output (its terminal) holds a traceback (flows/services.OneLineKnownErrors on the real engine's
+    loggers). Then one interrupt, as Ctrl-C sends it, stops the worker."""
+    api = f"{prefect_server.url}/api"
+    env = base_env(tmp_path, PREFECT_API_URL=api, PREFECT_CLI_PROMPT="false", PREFECT_WORKER_QUERY_SECONDS="2")
+    checkout = make_project_workspace(tmp_path / "checkout", env, f"s3://{BUCKET}/never-reached")
+    ensure_gpu_pool(api, checkout, env)
+    sh([PY, "-m", "prefect", "deploy", "-n", "micro-smoke", "-n", "sweep"], checkout,
+       {**env, "VR_WORKSPACE": str(checkout)}, timeout=300)
+    runs = {}
+    for name in ("visual-region-pipeline/micro-smoke", "visual-region-sweep/sweep"):
+        dep = prefect_api(api, f"deployments/name/{name}")
+        runs[name] = prefect_api(api, f"deployments/{dep['id']}/create_flow_run", {})
+
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("w") as log:
+        worker = subprocess.Popen([PY, "-m", "prefect", "worker", "start", "--pool", "gpu", "--type", "process"],
+                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        for name, run in runs.items():
+            while (run := prefect_api(api, f"flow_runs/{run['id']}"))["state_type"] not in TERMINAL:
+                assert worker.poll() is None, worker_log.read_text()[-5000:]
+                assert time.monotonic() < deadline, f"{name} did not end in 5 minutes\n{worker_log.read_text()[-5000:]}"
+                time.sleep(2)
+            runs[name] = run
+        time.sleep(3)  # the flow runs' processes print their last lines after the state is set
+        interrupted = time.monotonic()
+        os.killpg(worker.pid, signal.SIGINT)  # what Ctrl-C in the worker's terminal sends
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"one SIGINT did not stop the worker in 30 s\n{worker_log.read_text()[-3000:]}")
+        print(f"\nthe worker stopped {time.monotonic() - interrupted:.1f} s after one SIGINT")
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
+    output = worker_log.read_text()
+    refusal = f"workspace {checkout} is not a deployment workspace"
+    for name, run in runs.items():
+        message = run["state"]["message"]
+        assert run["state_type"] == "FAILED" and refusal in message and "run `make deploy`" in message, (name, message)
+        assert "\n" not in message, message
+        log = "\n".join(entry["message"] for entry in prefect_api(
+            api, "logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}))
+        assert refusal in log and "Traceback" not in log, (name, log)
+    assert output.count(refusal) >= len(runs) and "Traceback" not in output, output[-8000:]
+    assert sh(["git", "status", "--porcelain"], checkout, env).stdout == ""  # params.yaml and the rest untouched
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, prefect_server, s3_server, mlflow_server):
     """`prefect deploy --all` from a project clone, a process worker on pool `gpu`, one run of `micro-smoke`."""
@@ -217,7 +281,7 @@ def deployed(tmp_path_factory, prefect_server, s3_server, mlflow_server):
     sh(["git", "commit", "-qam", "ignore .services"], checkout, env)
     ws = checkout / ".services" / "workspace"
     sh([PY, "-m", "flows.workspace", "prepare", str(ws)], checkout, env, timeout=120)
-    sh([PY, "-m", "prefect", "work-pool", "create", "gpu", "--type", "process"], checkout, env, timeout=120)
+    ensure_gpu_pool(api, checkout, env)
     sh([PY, "-m", "prefect", "deploy", "--all"], checkout, {**env, "VR_WORKSPACE": str(ws)}, timeout=300)
     before = {str(f.relative_to(checkout)): f.read_bytes() for f in sorted(checkout.rglob("*"))
               if f.is_file() and ".services" not in f.relative_to(checkout).parts}

@@ -10,7 +10,11 @@ again on the same data directory and port (flows/services.py):
 
 The stop lands mid-transfer by construction, not by timing luck: S3 traffic goes through a throttled relay (the
 relay and the server are stopped together, as one endpoint), and the tune stage is paused (SIGSTOP) while the MLflow
-server stops. Unit checks of the stale-run clean-up and of the outage message are at the end."""
+server stops. Unit checks of the stale-run clean-up and of the outage message are at the end.
+
+Longer than 400 lines on purpose: the relay, the fault schedule and the three outages share one set of server
+fixtures.
+"""
 
 from __future__ import annotations
 
@@ -462,3 +466,9 @@ def test_outage_names_the_server_and_ignores_other_errors():
     assert outage(MlflowException(refused), "sqlite:///mlruns.db") is None  # a local store has no server
     assert outage(MlflowException("RESOURCE_DOES_NOT_EXIST: run 'abc' not found"), url) is None
     assert outage(ValueError("Connection refused"), url) is None  # not MLflow's client
+    # A local database that refuses writes names itself; its other errors (and other libraries' messages) do not.
+    readonly = MlflowException("(sqlite3.OperationalError) attempt to write a readonly database\n[SQL: UPDATE runs]")
+    assert str(outage(readonly, "sqlite:////data/mlruns.db")).startswith(
+        "the MLflow tracking database sqlite:////data/mlruns.db refused a write: attempt to write a readonly database;")
+    assert outage(MlflowException("(sqlite3.OperationalError) no such table: runs"), "sqlite:///mlruns.db") is None
+    assert outage(ValueError("attempt to write a readonly database"), "sqlite:///mlruns.db") is None

@@ -40,6 +40,83 @@ def test_gate_refuses_naming_the_reason(visual, text, why):
     assert d.visual_retention is None or not math.isnan(d.visual_retention)  # JSON-safe
 
 
+# The gate on benchmark scores (registry.min_benchmark_retention), from hand-made eval metrics: the `all` run's tuned
+# scores and a model's, in the shape stage evaluate writes ({task: {metric: value}}; an average as one number).
+ALL_BENCH = {"visual_average": 0.5, "mmlu": {"acc": 0.5}, "pope_random": {"accuracy": 0.8, "f1": 0.5}, "mme": {"perception": 0.0}}
+MODEL_BENCH = {"visual_average": 0.4375, "mmlu": {"acc": 0.5}, "pope_random": {"accuracy": 0.6, "f1": 0.375},
+               "mme": {"perception": 900.0}, "gqa": {"exact_match": None}}
+
+
+def test_benchmark_retention_resolves_each_gate_key_to_one_score():
+    from pipeline.registry import benchmark_retention
+
+    keys = ["visual_average", "mmlu", "pope_random.f1", "mmlu.acc", "mme", "gqa", "textvqa_val"]
+    got = benchmark_retention(MODEL_BENCH, ALL_BENCH, keys)
+    assert got["visual_average"] == 0.875  # an average: a single number
+    assert got["mmlu"] == got["mmlu.acc"] == 1.0  # a task with one score, by its name alone or in full
+    assert got["pope_random.f1"] == 0.75
+    assert math.isnan(got["mme"])  # the `all` baseline scores 0
+    assert "gqa" not in got and "textvqa_val" not in got  # not in the `all` run's metrics / in neither
+    assert benchmark_retention(None, ALL_BENCH, ["mmlu"]) == {}  # a model without benchmark scores
+    assert benchmark_retention({"gqa": {"exact_match": None}}, {"gqa": {"exact_match": 0.5}}, ["gqa"]) == {"gqa": None}
+
+
+def test_a_gate_key_naming_a_task_with_several_scores_is_refused_naming_it():
+    from pipeline.registry import RegistryError, benchmark_retention
+
+    with pytest.raises(RegistryError, match=r"^registry\.min_benchmark_retention\.pope_random: names 2 scores "
+                                            r"\(pope_random\.accuracy, pope_random\.f1\); name one of them$"):
+        benchmark_retention(MODEL_BENCH, ALL_BENCH, ["pope_random"])
+
+
+def test_the_gate_passes_when_every_named_benchmark_keeps_its_share():
+    from pipeline.registry import benchmark_retention, gate
+
+    floors = {"visual_average": 0.875, "mmlu": 1.0, "pope_random.f1": 0.75}  # each exactly reached: passes
+    d = gate(1.0, 1.0, min_visual=0.9, min_text=0.9, min_benchmarks=floors,
+             benchmarks=benchmark_retention(MODEL_BENCH, ALL_BENCH, floors))
+    assert d.passed and d.summary() == "passed", d.reasons
+    assert set(d.benchmark_retention) == set(floors) and d.benchmark_retention["mmlu"] == 1.0
+    assert gate(1.0, 1.0, min_visual=0.9, min_text=0.9).benchmark_retention == {}  # no benchmark gate: as before
+
+
+@pytest.mark.parametrize(
+    "floors, why",
+    [
+        ({"visual_average": 0.9}, "benchmark visual_average retention 0.875 < 0.900"),
+        ({"pope_random.accuracy": 0.9}, "benchmark pope_random.accuracy retention 0.750 < 0.900"),
+        ({"mme": 0.5}, "benchmark mme retention is undefined (the `all` baseline scores 0"),
+        ({"gqa": 0.5}, "benchmark gqa: no score in this model's or the `all` run's eval metrics"),
+        ({"textvqa_val": 0.5}, "benchmark textvqa_val: no score in this model's or the `all` run's eval metrics"),
+    ],
+)
+def test_the_gate_refuses_a_named_benchmark_naming_the_reason(floors, why):
+    from pipeline.registry import benchmark_retention, gate
+
+    d = gate(1.0, 1.0, min_visual=0.9, min_text=0.9, min_benchmarks=floors,
+             benchmarks=benchmark_retention(MODEL_BENCH, ALL_BENCH, floors))
+    assert not d.passed and d.reasons == (next(r for r in d.reasons if why in r),), d.reasons
+    assert all(v is None or not math.isnan(v) for v in d.benchmark_retention.values())  # JSON-safe
+    both = gate(0.5, 1.0, min_visual=0.9, min_text=0.9, min_benchmarks=floors,
+                benchmarks=benchmark_retention(MODEL_BENCH, ALL_BENCH, floors))
+    assert len(both.reasons) == 2 and both.reasons[0].startswith("visual retention 0.500")  # every reason is said
+
+
+def test_a_gate_key_no_run_has_is_a_one_line_error_naming_it():
+    from pipeline.registry import RegistryError, check_benchmark_keys
+
+    metrics = [ALL_BENCH, MODEL_BENCH, None]
+    check_benchmark_keys(["visual_average", "mmlu", "pope_random.f1", "gqa"], metrics)  # gqa: one model has it
+    with pytest.raises(RegistryError, match=r"^registry\.min_benchmark_retention\.mmlu_pro: no run's eval metrics "
+                                            r"have this benchmark score \(they have: visual_average, mmlu\.acc, ") as err:
+        check_benchmark_keys(["mmlu", "mmlu_pro"], metrics)
+    assert "\n" not in str(err.value)
+    with pytest.raises(RegistryError, match=r"min_benchmark_retention\.pope_random: names 2 scores"):
+        check_benchmark_keys(["pope_random"], metrics)
+    with pytest.raises(RegistryError, match=r"\(they have: none\)"):
+        check_benchmark_keys(["mmlu"], [None, {}])
+
+
 def test_model_names_one_registered_model_per_run_and_kind():
     from pipeline.registry import model_name
 
@@ -86,6 +163,12 @@ def test_register_promote_and_load_champion_in_a_fresh_process(tracking, micro4_
     assert (registry.alias_version(name, registry.CHALLENGER), registry.alias_version(name, registry.CHAMPION)) == (v2, v1)
     client = mlflow.MlflowClient()
     assert client.get_model_version(name, v2).tags["gate"].startswith("refused: visual retention 0.500")
+    # Refused on a benchmark the gate names but the metrics lack: said on the version, champion still where it was.
+    assert not registry.promote(name, v2, registry.gate(0.97, 1.1, min_visual=0.9, min_text=0.9,
+                                                        benchmarks={}, min_benchmarks={"mmlu": 1.0}))
+    assert client.get_model_version(name, v2).tags["gate"] == (
+        "refused: benchmark mmlu: no score in this model's or the `all` run's eval metrics")
+    assert registry.alias_version(name, registry.CHAMPION) == v1
     assert client.get_model_version(name, v1).tags["vr_run"] == "uniform50"
 
     # The checkpoint went to S3 through the server's artifact proxy: its weights are objects in the bucket.

@@ -1,7 +1,7 @@
 """The layer-selection sweep (flows/sweep/) across Prefect process workers, against real servers on 127.0.0.1:
 a Prefect server, SeaweedFS S3 (the DVC remote) and an MLflow server with S3 artifacts. `prefect deploy --all` from a
-project workspace; one worker on queue `sweep` takes the parent, two workers on queue `default` (`--limit 1`, like
-one GPU each) take the children. The sweep runs the micro model, shrunk further, over `all` (in the parent),
+workspace prepared as `make deploy` prepares it; one worker on queue `sweep` takes the parent, two workers on queue
+`default` (`--limit 1`, like one GPU each) take the children. The sweep runs the micro model, shrunk further, over `all` (in the parent),
 `uniform50` and the importance run `bi1` (children); then a second sweep adds a selection that fails in its child:
 it is named in the parent's error, not retried, and the two finished selections are not run again. The plan and the
 other pure parts: tests/unit/test_sweep_plan.py. Every Prefect API call of these tests goes through the Prefect client
@@ -134,8 +134,9 @@ class Cluster:
     def run_sweep(self, params_file: str, timeout_s: float = 540) -> dict:
         """Trigger the `sweep` deployment and wait for its flow run to end; a hang fails with the workers' logs."""
         dep = prefect_api(self.api, "deployments/name/visual-region-sweep/sweep")
+        # children clone the workspace itself: its origin (the checkout) lacks the commit of the first sweep's results
         run = prefect_api(self.api, f"deployments/{dep['id']}/create_flow_run", {"parameters": {
-            "params_file": params_file, "child_timeout_s": 400, "poll_s": 2}})
+            "params_file": params_file, "child_timeout_s": 400, "poll_s": 2, "repo_url": str(self.ws)}})
         deadline = time.monotonic() + timeout_s
         while (run := self.read_run(run))["state_type"] not in TERMINAL:
             dead = [n for n, p in self.workers.items() if p.poll() is not None]
@@ -156,11 +157,13 @@ def cluster(tmp_path_factory, prefect_server, s3_server, mlflow_server):
                    PREFECT_CLI_PROMPT="false", PREFECT_WORKER_QUERY_SECONDS="2", VR_SWEEP_DIR=str(tmp / "children"),
                    VR_PREFECT="0", OMP_NUM_THREADS="1")  # stages run plain: ~5 s less each than as flow runs of their own
     remote = f"s3://{BUCKET}/sweep-{uuid.uuid4().hex[:8]}"
-    ws = make_project_workspace(tmp / "ws", env, remote)
-    (ws / "params" / "sweep-test.yaml").write_text(SWEEP_PARAMS)
-    (ws / "params" / "sweep-broken.yaml").write_text(BROKEN_PARAMS)
-    sh(["git", "add", "-A"], ws, env)
-    sh(["git", "commit", "-qm", "sweep test params"], ws, env)
+    checkout = make_project_workspace(tmp / "checkout", env, remote)
+    (checkout / "params" / "sweep-test.yaml").write_text(SWEEP_PARAMS)
+    (checkout / "params" / "sweep-broken.yaml").write_text(BROKEN_PARAMS)
+    sh(["git", "add", "-A"], checkout, env)
+    sh(["git", "commit", "-qm", "sweep test params"], checkout, env)
+    ws = tmp / "ws"  # the deployments' own workspace, as `make deploy` prepares it: a sweep deployment refuses others
+    sh([PY, "-m", "flows.workspace", "prepare", str(ws)], checkout, env, timeout=120)
     try:
         prefect_api(api, "work_pools/gpu")
     except httpx.HTTPStatusError:  # 404: not created yet (another test module may have)

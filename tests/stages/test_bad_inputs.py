@@ -9,6 +9,8 @@ test_selection.py, test_pruning.py and test_model.py; these tests add the stage 
 budget 1.5 through `stages.tune` (test_pipeline_e2e.py::test_bad_params_fail_cleanly_naming_the_key) and a protected
 layer named for pruning, which no params key can express (the prune stage picks the layers itself, outside the
 region); `pruning.remove_layers` refuses it (test_pruning.py::test_remove_layers_refusals).
+
+Longer than 400 lines on purpose: one table of faults per stage, kept together so that a new fault finds its class.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def assert_refused(proc, ws: Path, *needles: str, outputs: tuple[str, ...] = (),
         assert msg[0].endswith(f"ParamsError: invalid params in {ws / 'bad-params.yaml'}:")
         assert all(line.startswith("  ") for line in msg[1:]) and len(msg) >= 2, msg
     else:
-        assert len(msg) == 1, f"a one-line message, got:\n" + "\n".join(msg)
+        assert len(msg) == 1, "a one-line message, got:\n" + "\n".join(msg)
     text = "\n".join(msg)
     print(text)  # shown by `pytest -rP`: the messages quoted in docs/reliability.md
     for needle in needles:

@@ -119,6 +119,60 @@ def test_disk_full_at_the_metrics_removes_the_model_again(tmp_path, prepared, mi
     assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["vr_error"]
 
 
+DISK_FULL_IN_SAFETENSORS = """
+import os, resource, safetensors.torch
+_save_file = safetensors.torch.save_file
+def save_file(tensors, filename, metadata=None):  # the file system refuses the weights: a real write error, in Rust
+    if not os.path.normpath(str(filename)).startswith('models/tuned/'):
+        return _save_file(tensors, filename, metadata)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # past 4 KiB a write fails with EFBIG (SIGXFSZ ignored)
+    try:
+        return _save_file(tensors, filename, metadata)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+safetensors.torch.save_file = save_file  # before transformers imports it
+"""
+
+
+def test_a_write_refused_inside_safetensors_is_one_line_naming_the_model(tmp_path, prepared, micro4_dir):
+    # safetensors raises its own SafetensorError ("I/O error: File too large (os error 27)"), not an OSError
+    ws = workspace(tmp_path, prepared, micro4_dir)
+    proc = tune(ws, "x", DISK_FULL_IN_SAFETENSORS)
+    assert_refused(proc, ws, "OutputError: cannot write models/tuned/x: File too large", outputs=TUNE_OUTPUTS)
+    [run] = mlflow_runs(ws, "x")
+    assert run.info.status == "FAILED" and "File too large" in run.data.tags["vr_error"]
+
+
+TRACKING_DB_READ_ONLY_AFTER_TRAINING = """
+import sqlalchemy, sqlalchemy.event
+import pipeline.training
+read_only = []
+@sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, 'before_cursor_execute')
+def _refuse_writes(conn, cursor, statement, parameters, context, executemany):
+    if read_only:  # SQLite itself refuses every write from here on, as it does for a read-only database file
+        cursor.execute('PRAGMA query_only = 1')
+_train_visual = pipeline.training.train_visual
+def train_visual(*args, **kwargs):  # the tracking database turns read-only once the model is trained
+    result = _train_visual(*args, **kwargs)
+    read_only.append(True)
+    return result
+pipeline.training.train_visual = train_visual
+"""
+
+
+def test_a_tracking_database_that_turns_read_only_mid_run_is_one_line_naming_it(tmp_path, prepared, micro4_dir):
+    ws = workspace(tmp_path, prepared, micro4_dir)
+    proc = tune(ws, "x", TRACKING_DB_READ_ONLY_AFTER_TRAINING)
+    assert_refused(proc, ws, f"TrackingError: the MLflow tracking database sqlite:///{ws / 'mlflow.db'} refused a "
+                   "write: attempt to write a readonly database", outputs=TUNE_OUTPUTS)
+    [run] = mlflow_runs(ws, "x")
+    assert run.info.status == "RUNNING", "the run could not be ended: the database refused it"
+    proc = tune(ws, "x")  # the database is writable again: the re-run ends the stale run and succeeds
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(r.info.status for r in mlflow_runs(ws, "x")) == ["FINISHED", "KILLED"]
+
+
 def test_a_second_writer_is_refused_naming_the_first_and_outputs_follow_the_umask(tmp_path, prepared, micro4_dir):
     ws = workspace(tmp_path, prepared, micro4_dir)
     lock = ws / "checkpoints/tune/all.lock"

@@ -157,8 +157,25 @@ def test_text_task_runs_with_hf_on_the_checkpoint(micro_run):
 
 
 def test_each_task_reports_the_metrics_the_catalog_names(micro_run):
-    assert {task: set(m) for task, m in micro_run["scores"].items()} == {
-        task: set(catalog.SHIPPED[task].metrics) for task in ("pope_random", "mme", "mmlu_csv")}
+    tasks = {task: set(m) for task, m in micro_run["scores"].items() if not task.endswith("_average")}
+    assert tasks == {task: set(catalog.SHIPPED[task].metrics) for task in ("pope_random", "mme", "mmlu_csv")}
+
+
+def test_the_run_carries_the_visual_and_text_averages_of_its_headline_scores(micro_run):
+    scores = micro_run["scores"]
+    mme = (scores["mme"]["perception"] + scores["mme"]["cognition"]) / 2800
+    assert scores["visual_average"] == {"mean": pytest.approx((scores["pope_random"]["f1"] + mme) / 2)}
+    assert scores["text_average"] == {"mean": pytest.approx(scores["mmlu_csv"]["acc"])}
+
+
+def test_averages_count_a_group_once_and_skip_what_has_no_headline():
+    scores = {"pope_random": {"f1": 0.9}, "pope_popular": {"f1": 0.7}, "gqa": {"exact_match": 0.5},
+              "mme": {"perception": 1400.0, "cognition": None}, "mmlu": {"acc": 0.4}, "mmlu_anatomy": {"acc": 0.0},
+              "bbh": {"exact_match": 0.2}}
+    averages = catalog.averages(scores, ["pope", "gqa", "mme", "mmlu", "bbh"])
+    assert averages["visual_average"]["mean"] == pytest.approx((0.8 + 0.5) / 2)  # POPE once; MME lacks cognition
+    assert averages["text_average"]["mean"] == pytest.approx((0.4 + 0.2) / 2)  # mmlu's subtasks not counted
+    assert catalog.averages({"mmlu": {"acc": 0.4}}, ["mmlu"]) == {"text_average": {"mean": 0.4}}
 
 
 def test_results_are_strict_json_with_throughput(micro_run):
@@ -167,3 +184,14 @@ def test_results_are_strict_json_with_throughput(micro_run):
     for kind in ("visual", "text"):
         throughput = micro_run["throughput"][kind]
         assert throughput["samples"] > 0 and throughput["samples_per_second"] > 0
+
+
+def test_scores_are_the_unfiltered_metrics_or_a_filtered_only_tasks_first_filter():
+    results = {"results": {
+        "mmlu": {"alias": "mmlu", "acc,none": 0.4, "acc_stderr,none": 0.01},
+        "bbh_cot_fewshot_date": {"exact_match,get-answer": 0.3, "exact_match_stderr,get-answer": 0.1},
+        "pope_random": {"f1,none": 0.8, "f1,strict": 0.1},
+        "bbh": {"alias": "bbh"},
+    }}
+    assert runner._flat_scores(results) == {"mmlu": {"acc": 0.4}, "bbh_cot_fewshot_date": {"exact_match": 0.3},
+                                            "pope_random": {"f1": 0.8}}

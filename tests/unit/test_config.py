@@ -1,4 +1,6 @@
-"""The params schema: every shipped params file validates; every mistake is a ParamsError naming its dotted key."""
+"""The params schema: every shipped params file validates; every mistake is a ParamsError naming its dotted key.
+
+Longer than 400 lines on purpose: it mirrors pipeline/config.py, the whole schema, one group of tests per section."""
 
 import copy
 import re
@@ -370,6 +372,42 @@ def test_loading_params_imports_no_heavy_library():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"imported by pipeline.config: {proc.stdout.strip()}"
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+def with_benchmark_gate(floors: dict, tasks: tuple[str, ...] | None = ("mmlu", "pope")):
+    def fn(r):
+        r["registry"]["min_benchmark_retention"] = floors
+        if tasks is not None:
+            r.setdefault("evaluate", {})["benchmarks"] = {"tasks": list(tasks)}
+    return fn
+
+
+def test_the_benchmark_gate_is_off_by_default_and_takes_score_names(base):
+    assert config.validate(base).registry.min_benchmark_retention == {}
+    floors = {"visual_average": 0.95, "mmlu": 1.0, "pope_random.f1": 0.9}
+    assert config.validate(mutate(base, with_benchmark_gate(floors))).registry.min_benchmark_retention == floors
+
+
+def test_a_benchmark_gate_without_benchmarks_is_rejected_naming_it(base):
+    invalid(mutate(base, with_benchmark_gate({"mmlu": 1.0}, tasks=None)),
+            r"registry\.min_benchmark_retention: gates on \['mmlu'\], but evaluate\.benchmarks\.tasks is empty")
+
+
+@pytest.mark.parametrize(
+    "floors, match",
+    [
+        ({"mmlu": -0.1}, r"registry\.min_benchmark_retention: .*mmlu: the floor must be a number >= 0, got -0\.1"),
+        ({"mmlu": float("nan")}, r"registry\.min_benchmark_retention: .*mmlu: the floor must be a number >= 0, got nan"),
+        ({"mmlu": "high"}, r"registry\.min_benchmark_retention\.mmlu: .*valid number"),
+        ({"mmlu.": 1.0}, r"registry\.min_benchmark_retention: .*'mmlu\.' is not a benchmark score name"),
+        ({" mmlu": 1.0}, r"registry\.min_benchmark_retention: .*' mmlu' is not a benchmark score name"),
+        ({"": 1.0}, r"registry\.min_benchmark_retention: .*'' is not a benchmark score name"),
+        (["mmlu"], r"registry\.min_benchmark_retention: .*valid dictionary"),
+    ],
+)
+def test_bad_benchmark_gate_entries_name_the_key(base, floors, match):
+    invalid(mutate(base, with_benchmark_gate(floors)), match)
 
 
 # ---------------------------------------------------------------------------------------------------- files

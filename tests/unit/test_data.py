@@ -1,4 +1,7 @@
-"""Tests for pipeline/data.py: synthetic scenes, splits, determinism, atomic writes, LLaVA import."""
+"""Tests for pipeline/data/: synthetic scenes, splits, determinism, atomic writes, LLaVA import (the scale-specific
+import tests are in test_data_scale.py).
+
+Longer than 400 lines on purpose: one test module per library package, as the other tests mirror theirs."""
 
 from __future__ import annotations
 

@@ -102,6 +102,30 @@ def test_image_path_may_not_leave_the_image_folder(llava_dir, name):
     assert info.value.reason == "image_outside_dir"
 
 
+def test_absolute_image_paths_only_when_allowed_and_relative_escapes_never(llava_dir):
+    outside = llava_dir.parent / "outside.jpg"
+    outside.write_bytes(jpeg((1, 2, 3)))
+    path = llava_dir / "data.json"
+    path.write_text(json.dumps([records(2)[1] | {"image": str(outside)}]))
+    with pytest.raises(data.DataError, match="llava_absolute_image_paths: true allows absolute paths"):
+        data.import_llava_json(path, llava_dir)
+    imported, _ = data.import_llava_json(path, llava_dir, absolute_paths=True)
+    assert raw_images(imported) == [outside.read_bytes()]  # the file's own bytes
+    path.write_text(json.dumps([records(2)[1] | {"image": "../outside.jpg"}]))
+    with pytest.raises(data.DataError, match="leaves the image folder"):
+        data.import_llava_json(path, llava_dir, absolute_paths=True)
+
+
+def test_a_lone_surrogate_in_an_answer_names_the_record_and_field(llava_dir):
+    rec = records(2)[1]
+    rec["conversations"][1]["value"] = "red \ud800"  # valid JSON, not valid Unicode text
+    path = llava_dir / "data.json"
+    path.write_text(json.dumps([rec]))
+    with pytest.raises(data.DataError, match="text is not valid Unicode") as info:
+        data.import_llava_json(path, llava_dir)
+    assert (info.value.reason, info.value.field, info.value.index) == ("invalid_text", "conversations[1].value", 0)
+
+
 def test_exif_orientation_is_applied_when_read():
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = img.getexif()

@@ -83,3 +83,69 @@ def test_claims_read_their_verdicts_from_paired_intervals():
     assert retained[0] == "within noise" and "[95% interval" in retained[1]  # 0.975, but 2 answers could be chance
     assert checks["uniform 25% text score >= the `all` run's"][0] == "holds"
     assert checks["uniform beats contiguous top"][0] == "holds"
+
+
+# ---------------------------------------------------------------------------------------------------- benchmarks
+def test_without_benchmark_scores_the_report_is_unchanged():
+    """The stage passes both kinds' benchmark tables; the tiny default runs no benchmark, so they are empty and the
+    committed report comes out byte for byte (no benchmark section)."""
+    params = config.load(REPO / "params.yaml")
+    runs, rows, evals = committed_rows(params)
+    tables = {kind: report.benchmark_rows(evals, kind) for kind in ("tuned", "pruned")}
+    assert tables == {"tuned": {}, "pruned": {}}
+    curves = json.loads((REPO / "metrics/pruning_curve.json").read_text())
+    checks = report.claims(rows, curves, report.claim_runs(runs), evals)
+    links = [f"figures/{p.name}" for p in sorted((REPO / "reports/figures").glob("*.png"))]
+    assert report.markdown(rows, curves, checks, links, tables) == (REPO / "reports/summary.md").read_text()
+
+
+def bench_evals() -> dict:
+    """Three runs' eval metrics with benchmark scores: `even` lacks MME, `all`'s pruned model ran no benchmark."""
+    return {
+        "all": {"tuned": {"benchmarks": {"visual_average": 0.5, "pope_random": {"accuracy": 0.8, "f1": 0.75},
+                                         "mmlu": {"acc": 0.4}, "mme": {"perception": 1000.0}}},
+                "pruned": {}},
+        "even": {"tuned": {"benchmarks": {"pope_random": {"accuracy": 0.72, "f1": 0.6}, "mmlu": {"acc": 0.5},
+                                          "visual_average": 0.45}},
+                 "pruned": {"benchmarks": {"mmlu": {"acc": 0.2}}}},
+        "block": {"tuned": {"benchmarks": {"mmlu": {"acc": None}, "mme": {"perception": 500.0}, "gqa": {"exact_match": 0.3}}},
+                  "pruned": {"benchmarks": {}}},
+    }
+
+
+def test_benchmark_rows_give_each_score_and_its_retention_against_all():
+    table = report.benchmark_rows(bench_evals())
+    # every score of any run, the average first, then in the order they were first seen
+    assert list(table) == ["visual_average", "pope_random.accuracy", "pope_random.f1", "mmlu.acc", "mme.perception",
+                           "gqa.exact_match"]
+    assert list(table["mmlu.acc"]) == ["all", "even", "block"]
+    assert table["visual_average"]["even"] == {"score": 0.45, "retention": 0.45 / 0.5}
+    assert table["pope_random.f1"]["even"] == {"score": 0.6, "retention": 0.6 / 0.75}
+    assert table["mmlu.acc"]["all"] == {"score": 0.4, "retention": 1.0}
+    assert table["mmlu.acc"]["even"]["retention"] == 0.5 / 0.4
+    assert table["mme.perception"]["block"] == {"score": 500.0, "retention": 0.5}
+    assert table["mme.perception"]["even"] == {"score": None, "retention": None}  # not run
+    assert table["mmlu.acc"]["block"] == {"score": None, "retention": None}  # not a number
+    assert table["gqa.exact_match"]["block"] == {"score": 0.3, "retention": None}  # `all` has no GQA score
+    pruned = report.benchmark_rows(bench_evals(), "pruned")  # against the `all` run's *tuned* score
+    assert list(pruned) == ["mmlu.acc"] and pruned["mmlu.acc"]["even"] == {"score": 0.2, "retention": 0.2 / 0.4}
+    assert pruned["mmlu.acc"]["all"] == {"score": None, "retention": None}
+
+
+def test_benchmark_tables_are_a_report_section_per_kind():
+    params = config.load(REPO / "params.yaml")
+    runs, rows, evals = committed_rows(params)
+    tables = {kind: report.benchmark_rows(bench_evals(), kind) for kind in ("tuned", "pruned")}
+    text = report.markdown(rows, {}, [], [], tables)
+    tuned = text.split("## Published benchmarks (tuned models)\n")[1].split("\n## ")[0]
+    table = [line for line in tuned.splitlines() if line.startswith("|")]
+    assert table[0] == "| benchmark | all | even | block |" and table[1] == "|---|---|---|---|"
+    assert table[2] == "| visual_average | 0.500 (1.000) | 0.450 (0.900) | n/a (n/a) |"
+    assert table[5] == "| mmlu.acc | 0.400 (1.000) | 0.500 (1.250) | n/a (n/a) |"
+    assert table[6] == "| mme.perception | 1000.000 (1.000) | n/a (n/a) | 500.000 (0.500) |"
+    assert len(table) == 2 + 6
+    pruned = text.split("## Published benchmarks (pruned models)\n")[1].split("\n## ")[0]
+    assert "| mmlu.acc | n/a (n/a) | 0.200 (0.500) | n/a (n/a) |" in pruned
+    assert text.index("## Accuracy per question type") < text.index("## Published benchmarks (tuned models)")
+    only_tuned = report.markdown(rows, {}, [], [], {"tuned": tables["tuned"], "pruned": {}})
+    assert "(pruned models)" not in only_tuned and "(tuned models)" in only_tuned
