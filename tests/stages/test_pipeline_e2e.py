@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import registry_example
+
 REPO = Path(__file__).resolve().parents[2]
 PY_BIN = str(Path(sys.executable).parent)
 
@@ -192,19 +194,8 @@ def test_the_docs_registry_example_runs_as_written(workspace):
     """docs/orchestration.md's registry block, on the micro registry (its model name; micro's gate passes none, so
     `@challenger`): it answers with the registered checkpoint's own greedy answer for the scene it prints."""
     ws, env, _ = workspace
-    doc = (REPO / "docs" / "orchestration.md").read_text()
-    block = doc.split("```python\n")[1].split("```")[0]
-    assert "models:/visual-region-tiny-all@champion" in block
-    block = block.replace("models:/visual-region-tiny-all@champion", "models:/visual-region-micro-all@challenger")
+    block = registry_example.doc_block("models:/visual-region-micro-all@challenger")
     printed = sh([sys.executable, "-c", block], ws, env).stdout.strip().splitlines()[-1]
-    direct = (
-        "import io, types, pandas as pd; from datasets import load_from_disk; from pipeline.registry import VisionLanguageModel;"
-        "scene = load_from_disk('data/prepared/visual')['vqa_test'][0]; png = io.BytesIO(); scene['image'].save(png, format='PNG');"
-        "q = scene['conversations'][0]['value'].replace('<image>', '').strip(); m = VisionLanguageModel();"
-        "m.load_context(types.SimpleNamespace(artifacts={'checkpoint': 'models/pruned/all'}));"
-        "print(repr(m.predict(None, pd.DataFrame({'image': [png.getvalue()], 'question': [q]}), {'max_new_tokens': 8})[0]))"
-    )
+    direct = registry_example.DIRECT_ANSWER
     expected = sh([sys.executable, "-c", direct], ws, {**env, "PYTHONPATH": str(ws)}).stdout.strip().splitlines()[-1]
-    question = printed.split(" -> ")[0]
-    assert question.endswith("?") and "<image>" not in question, printed
-    assert f" -> {expected} (expected " in printed, (printed, expected)
+    registry_example.assert_answers_as_the_checkpoint(printed, expected)
