@@ -83,13 +83,16 @@ def test_benchmark_scores_land_in_the_metrics_and_on_the_mlflow_run(tmp_path, pr
     assert "benchmark pope_random skipped" in proc.stderr  # pope's files are not there: skipped with a warning
     scores = json.loads((tmp_path / "metrics" / "eval" / "x.json").read_text())
     for kind in ("tuned", "pruned"):
-        assert set(scores[kind]["benchmarks"]) == {"gqa"}
-        assert 0 <= scores[kind]["benchmarks"]["gqa"]["exact_match"] <= 1
+        bench = scores[kind]["benchmarks"]
+        assert set(bench) == {"gqa", "visual_average"}  # the skipped POPE counts in no average
+        assert 0 <= bench["gqa"]["exact_match"] <= 1
+        assert bench["visual_average"] == {"mean": bench["gqa"]["exact_match"]}
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                               filter_string="metrics.tuned_bench_gqa_exact_match >= 0")
     assert len(runs) == 1
     logged = runs[0]
     assert logged.data.metrics["pruned_bench_gqa_exact_match"] == scores["pruned"]["benchmarks"]["gqa"]["exact_match"]
+    assert logged.data.metrics["tuned_bench_visual_average_mean"] == scores["tuned"]["benchmarks"]["gqa"]["exact_match"]
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "benchmarks")}
     assert {"benchmarks/tuned_results.json", "benchmarks/pruned_samples.json"} <= artifacts
     results = json.loads((tmp_path / "mlartifacts" / logged.info.run_id / "artifacts" / "benchmarks" /
