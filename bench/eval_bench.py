@@ -61,7 +61,9 @@ def main() -> None:
         row["speedup"] = row["questions_per_second"] / base
         print(f"| {row['batch_size']} | {row['questions']} | {row['seconds']:.1f} | {row['questions_per_second']:.1f} "
               f"| {row['speedup']:.2f} | {row['visual_average']:.3f} |")
-    Path(args.json).write_text(json.dumps({"model": args.model, "tasks": args.tasks, "rows": rows}, indent=2) + "\n")
+    model = Path(args.model).resolve()
+    shown = str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(model)
+    Path(args.json).write_text(json.dumps({"model": shown, "tasks": args.tasks, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
