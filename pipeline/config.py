@@ -305,6 +305,16 @@ class TuneRun(_Strict):
     projector: Literal["full", "frozen"] = "full"
     importance_metric: str | None = None  # strategy 'importance': which score
     importance_from: str | None = None  # strategy 'importance': the tune run whose model is scored
+    # The training seed (data order, dropout, LoRA init); null: the top-level `seed`. Runs that differ only in it are
+    # one selection's seed replicas: the report averages them and its intervals cover the seeds (pipeline/intervals.py).
+    train_seed: int | None = None
+
+    def training_seed(self, default: int) -> int:
+        return default if self.train_seed is None else self.train_seed
+
+    def replica_key(self) -> str:
+        """The run's entry without its training seed: equal for the seed replicas of one selection."""
+        return repr(sorted(self.model_dump(exclude={"train_seed"}).items()))
 
     @field_validator("strategy")
     @classmethod
@@ -386,6 +396,21 @@ class TuneParams(_Strict):
 
     def all_runs(self) -> dict[str, TuneRun]:
         return self.runs | self.importance_runs
+
+    def replicas(self, default_seed: int) -> dict[str, list[str]]:
+        """Each selection's seed replicas: the selection's name (its entry without a train_seed, else its first in
+        params order) -> the names of its runs, ordered by training seed (`default_seed`: the top-level seed). A run
+        without replicas is a selection of one."""
+        groups: dict[str, list[str]] = {}
+        first: dict[str, str] = {}
+        runs = self.all_runs()
+        for name, run in runs.items():
+            groups.setdefault(first.setdefault(run.replica_key(), name), []).append(name)
+        out = {}
+        for names in groups.values():
+            named = next((n for n in names if runs[n].train_seed is None), names[0])  # the entry without a seed
+            out[named] = sorted(names, key=lambda n: runs[n].training_seed(default_seed))
+        return out
 
     def run(self, name: str) -> TuneRun:
         runs = self.all_runs()
@@ -503,6 +528,13 @@ class Params(_Strict):
             if self.data.vision_pairs <= self.vision_pretrain.eval_pairs:
                 raise ValueError(f"vision_pretrain.train.max_steps > 0 needs data.vision_pairs > vision_pretrain.eval_pairs "
                                  f"({self.vision_pretrain.eval_pairs}), got {self.data.vision_pairs}")
+        runs = self.tune.all_runs()
+        for names in self.tune.replicas(self.seed).values():
+            seeds = [runs[name].training_seed(self.seed) for name in names]
+            twins = [name for name, s in zip(names, seeds) if seeds.count(s) > 1]
+            if twins:  # the same model trained twice, and counted twice in the seed intervals
+                raise ValueError(f"tune: runs {twins} are the same selection with the same training seed; give each "
+                                 f"replica its own train_seed")
         unknown = sorted(set(self.prune.curve.runs) - set(self.tune.all_runs()))
         if unknown:
             raise ValueError(f"prune.curve.runs: {unknown} are not tune runs")

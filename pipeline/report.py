@@ -67,6 +67,64 @@ def run_rows(runs: dict, evals: dict[str, dict], layers: dict[str, list[int]],
     return rows
 
 
+MEANED = ("visual_score", "text_qa_accuracy", "text_qa_vs_base_lm", "text_ppl", "text_ppl_vs_base_lm", "train_seconds",
+          "pruned_visual_score")  # a selection's numbers over its seed replicas: the mean
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if len(present) == len(values) and present else None
+
+
+def group_rows(rows: dict[str, dict], replicas: dict[str, list[str]] | None) -> dict[str, dict]:
+    """One row per selection (config.TuneParams.replicas: selection -> its seed replicas): a selection of one run is
+    that run's row itself; otherwise the mean over its seeds of each of MEANED (and per question type), its retentions
+    against the baseline selection's means, and `seeds`, the replicas' names."""
+    replicas = replicas or {name: [name] for name in rows}
+    if all(len(names) == 1 for names in replicas.values()):
+        return {group: rows[names[0]] for group, names in replicas.items()}
+    out = {}
+    for group, names in replicas.items():
+        members = [rows[n] for n in names]
+        row = dict(members[0]) | {key: _mean([m[key] for m in members]) for key in MEANED}
+        row["per_type"] = {t: _mean([m["per_type"].get(t) for m in members]) for t in members[0]["per_type"]}
+        row["seeds"] = names
+        out[group] = row
+    base = out[next(g for g, names in replicas.items() if BASELINE in names)]
+    for row in out.values():
+        row |= {"visual_retention": retention(row["visual_score"], base["visual_score"]),
+                "text_retention": retention(row["text_qa_accuracy"], base["text_qa_accuracy"]),
+                "train_time_ratio": row["train_seconds"] / base["train_seconds"],
+                "pruned_visual_retention": retention(row["pruned_visual_score"], base["visual_score"])}
+    return out
+
+
+def seed_table(selections: dict[str, dict], evals: dict[str, dict], replicas: dict[str, list[str]]) -> dict[str, dict]:
+    """The selections with seed replicas (none: {}), each with its means over seeds and the 95% intervals (seeds and
+    evaluation samples, pipeline/intervals.py) of its visual score and its visual retention against the baseline."""
+    if all(len(names) == 1 for names in replicas.values()):
+        return {}
+    def hits_of(group: str, kind: str = "visual"):
+        return _group_hits([evals.get(n, {}).get("tuned") for n in replicas[group]], kind)
+
+    base = next(g for g, names in replicas.items() if BASELINE in names)
+    out = {}
+    for group, row in selections.items():
+        hits, base_hits = hits_of(group), hits_of(base)
+        entry = {key: row[key] for key in ("visual_score", "visual_retention", "text_qa_accuracy", "text_qa_vs_base_lm",
+                                           "text_ppl", "pruned_visual_retention")}
+        entry["seeds"] = replicas[group]
+        if hits is not None:
+            entry["visual_score_interval"] = list(intervals.score_interval(hits))
+        if hits is not None and base_hits is not None:
+            entry["visual_retention_interval"] = list(intervals.retention_interval(hits, base_hits))
+        text = hits_of(group, "text_qa")
+        if text is not None:
+            entry["text_qa_interval"] = list(intervals.score_interval(text, intervals.accuracy))
+        out[group] = entry
+    return out
+
+
 def benchmark_rows(evals: dict[str, dict], kind: str = "tuned") -> dict[str, dict[str, dict]]:
     """The benchmark table of one kind of model (tuned or pruned): score name (pipeline/benchmark_scores.py, e.g.
     `pope_random.f1`; the averages first) -> run -> {"score", "retention"}, retention = score / the `all` run's tuned
@@ -107,6 +165,38 @@ def _hits(entry: dict | None, kind: str = "visual"):
     return intervals.decode(samples[kind]) if samples else None
 
 
+def _group_hits(entries: list[dict | None], kind: str = "visual"):
+    """The hits of each seed replica of one selection (`entries`: their eval "tuned"/"pruned" or curve points);
+    None where any replica's samples were not recorded."""
+    found = [_hits(entry, kind) for entry in entries]
+    return None if any(h is None for h in found) else found
+
+
+def group_curves(curves: dict, replicas: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """The pruning curves per selection: each point's visual score the mean over the selection's replicas that have a
+    curve, `replicas` their points (for the intervals), at the removed-layer counts every such replica reached."""
+    out = {}
+    for group, names in replicas.items():
+        present = [curves[n] for n in names if n in curves]
+        if not present:
+            continue
+        if len(present) == 1:
+            out[group] = [p | {"replicas": [p]} for p in present[0]]
+            continue
+        ks = sorted(set.intersection(*({p["removed_layers"] for p in pts} for pts in present)))
+        points = []
+        for k in ks:
+            at = [next(p for p in pts if p["removed_layers"] == k) for pts in present]
+            point = {"removed_layers": k, "mode": at[0]["mode"], "visual_score": _mean([p["visual_score"] for p in at]),
+                     "replicas": at}
+            if all("healed" in p for p in at):
+                point["healed"] = {"visual_score": _mean([p["healed"]["visual_score"] for p in at]),
+                                   "replicas": [p["healed"] for p in at]}
+            points.append(point)
+        out[group] = points
+    return out
+
+
 def _judged(point_holds: bool, interval_of, *hits, threshold: float, strict: bool = False) -> tuple[str, str]:
     """(verdict, interval text) of a claim: from the paired bootstrap interval when every model's samples are
     recorded; from the point estimates alone otherwise (said so in the text)."""
@@ -116,44 +206,57 @@ def _judged(point_holds: bool, interval_of, *hits, threshold: float, strict: boo
     return intervals.verdict(interval, threshold, strict=strict), f" [95% interval {fmt(interval[0])}, {fmt(interval[1])}]"
 
 
-def claims(rows: dict, curves: dict, compared: dict[str, str | None],
-           evals: dict[str, dict] | None = None) -> list[tuple[str, str, str]]:
+def claims(rows: dict, curves: dict, compared: dict[str, str | None], evals: dict[str, dict] | None = None,
+           replicas: dict[str, list[str]] | None = None) -> list[tuple[str, str, str]]:
     """The paper's claims, each (claim, verdict, evidence); only those whose runs are in this pipeline. `compared`:
     `claim_runs`; `evals`: name -> its metrics/eval JSON, whose per-sample hits give each comparison its paired
-    bootstrap interval (pipeline/intervals.py). Verdict: "holds" / "fails" when the interval is on one side of the
-    claim's threshold, "within noise" when it straddles it."""
+    bootstrap interval (pipeline/intervals.py); `replicas` (config.TuneParams.replicas): each compared selection is
+    then the mean over its seed replicas, and the interval's resamples draw the seeds too. Verdict: "holds" / "fails"
+    when the interval is on one side of the claim's threshold, "within noise" when it straddles it."""
     evals = evals or {}
+    replicas = replicas or {name: [name] for name in rows}
+    group_of = {name: group for group, names in replicas.items() for name in names}
+    selections = group_rows(rows, replicas)
     out = []
-    names = {"uniform": compared["uniform"], "top": compared["top"]}
-    u, top, base = rows.get(names["uniform"]), rows.get(names["top"]), rows[BASELINE]
-    tuned = {key: evals.get(name, {}).get("tuned") for key, name in (*names.items(), ("base", BASELINE))}
+    names = {"uniform": group_of.get(compared["uniform"]), "top": group_of.get(compared["top"]),
+             "base": group_of[BASELINE]}
+    u, top, base = selections.get(names["uniform"]), selections.get(names["top"]), selections[names["base"]]
+
+    def tuned(key: str, kind: str = "visual"):
+        return _group_hits([evals.get(name, {}).get("tuned") for name in replicas[names[key]]], kind)
+
+    def seeds(key: str) -> str:
+        return f" (mean over {len(replicas[names[key]])} seeds)" if len(replicas[names[key]]) > 1 else ""
+
     if u:
-        verdict, text = _judged(u["visual_retention"] >= 0.95, intervals.retention_interval, _hits(tuned["uniform"]),
-                                _hits(tuned["base"]), threshold=0.95)
+        verdict, text = _judged(u["visual_retention"] >= 0.95, intervals.retention_interval, tuned("uniform"),
+                                tuned("base"), threshold=0.95)
         out.append(("uniform 25% keeps >= 95% of the `all` visual score", verdict,
-                    f"retention {fmt(u['visual_retention'])}{text}"))
+                    f"retention {fmt(u['visual_retention'])}{seeds('uniform')}{text}"))
         verdict, text = _judged(
             u["text_qa_accuracy"] >= base["text_qa_accuracy"],
             lambda a, b: intervals.difference_interval(a, b, intervals.accuracy),
-            _hits(tuned["uniform"], "text_qa"), _hits(tuned["base"], "text_qa"), threshold=0.0)
+            tuned("uniform", "text_qa"), tuned("base", "text_qa"), threshold=0.0)
         out.append(("uniform 25% text score >= the `all` run's", verdict,
-                    f"text QA {fmt(u['text_qa_accuracy'])} vs {fmt(base['text_qa_accuracy'])}, difference{text}; "
-                    f"of the base LM's text QA: {fmt(u.get('text_qa_vs_base_lm'))} vs "
+                    f"text QA {fmt(u['text_qa_accuracy'])} vs {fmt(base['text_qa_accuracy'])}{seeds('uniform')}, "
+                    f"difference{text}; of the base LM's text QA: {fmt(u.get('text_qa_vs_base_lm'))} vs "
                     f"{fmt(base.get('text_qa_vs_base_lm'))}; ppl {fmt(u['text_ppl'], 1)} vs {fmt(base['text_ppl'], 1)}"))
     if u and top:
         verdict, text = _judged(u["visual_score"] > top["visual_score"], intervals.difference_interval,
-                                _hits(tuned["uniform"]), _hits(tuned["top"]), threshold=0.0, strict=True)
+                                tuned("uniform"), tuned("top"), threshold=0.0, strict=True)
         out.append(("uniform beats contiguous top", verdict,
-                    f"visual {fmt(u['visual_score'])} vs {fmt(top['visual_score'])}, difference{text}"))
-    if names["uniform"] in curves and BASELINE in curves:
-        protected, conventional = curves[names["uniform"]], curves[BASELINE]
+                    f"visual {fmt(u['visual_score'])} vs {fmt(top['visual_score'])}{seeds('uniform')}, difference{text}"))
+    grouped = group_curves(curves, replicas)
+    if names["uniform"] in grouped and names["base"] in grouped:
+        protected, conventional = grouped[names["uniform"]], grouped[names["base"]]
         for healed in (False, True):
             prot, conv = curve_points(protected, healed), curve_points(conventional, healed)
             ks = [k for k in (1, 2, 3) if k in prot and k in conv]
             if not ks:
                 continue
             judged = [_judged(prot[k]["visual_score"] > conv[k]["visual_score"], intervals.difference_interval,
-                              _hits(prot[k]), _hits(conv[k]), threshold=0.0, strict=True) for k in ks]
+                              _group_hits(prot[k]["replicas"]), _group_hits(conv[k]["replicas"]), threshold=0.0,
+                              strict=True) for k in ks]
             claim = (f"after a healing tune, protected pruning beats conventional at {ks[0]}-{ks[-1]} removed layers"
                      if healed  # an extension (prune.curve.heal_steps), not one of the paper's claims
                      else f"protected pruning beats conventional pruning at {ks[0]}-{ks[-1]} removed layers")
@@ -177,15 +280,52 @@ def healed_scores(points: list[dict]) -> dict[int, float]:
     return {k: p["visual_score"] for k, p in curve_points(points, healed=True).items()}
 
 
+def error_bars(selections: dict[str, dict], sweep: list[dict], curves: dict[str, list[dict]], evals: dict[str, dict],
+               replicas: dict[str, list[str]]) -> dict:
+    """The figures' 95% intervals (pipeline/intervals.py), over seeds and evaluation samples: "sweep", per sweep row
+    (of `selections`, group_rows) the interval of its visual retention against the baseline selection; "curves", per
+    selection of `curves` (group_curves) and removed-layer count, the interval of its visual score (and, as
+    "<selection>, healed", of its healed score). Missing where samples were not recorded."""
+    def hits_of(group: str):
+        return _group_hits([evals.get(n, {}).get("tuned") for n in replicas[group]])
+
+    base = hits_of(next(g for g, names in replicas.items() if BASELINE in names))
+    out: dict = {"sweep": {}, "curves": {}}
+    for row in sweep:
+        run = hits_of(next(g for g, r in selections.items() if r is row))
+        if run is not None and base is not None:
+            out["sweep"][row["tuned_layers"]] = intervals.retention_interval(run, base)
+    for group, points in curves.items():
+        for point in points:
+            hits = _group_hits(point["replicas"])
+            if hits is not None:
+                out["curves"].setdefault(group, {})[point["removed_layers"]] = intervals.score_interval(hits)
+            healed = _group_hits(point.get("healed", {}).get("replicas", [None]))
+            if healed is not None:
+                out["curves"].setdefault(f"{group}, healed", {})[point["removed_layers"]] = intervals.score_interval(healed)
+        if f"{group}, healed" in out["curves"] and 0 in out["curves"].get(group, {}):  # k = 0: nothing cut or healed
+            out["curves"][f"{group}, healed"][0] = out["curves"][group][0]
+    return out
+
+
+def _yerr(values: list[float], bounds: list[tuple[float, float] | None]):
+    """matplotlib's asymmetric yerr from intervals (0 where a point has none)."""
+    low = [v - b[0] if b else 0.0 for v, b in zip(values, bounds)]
+    high = [b[1] - v if b else 0.0 for v, b in zip(values, bounds)]
+    return [[max(x, 0.0) for x in low], [max(x, 0.0) for x in high]]
+
+
 PRETRAINING_LOSSES = ("vision_pretrain", "lm_pretrain", "projector")  # plots/loss/<name>.csv of the shared stages
 
 
 def figures(curves: dict, sweep: list[dict], importance: dict[str, dict], out_dir: Path,
-            losses: dict[str, list[tuple[int, float]]] | None = None) -> list[Path]:
+            losses: dict[str, list[tuple[int, float]]] | None = None, bars: dict | None = None) -> list[Path]:
     """The report's PNG figures, written into `out_dir`: retention against tuned layers (the sweep), the pruning
-    curves, each run's per-layer importance (`importance`: run -> its scores JSON) and the training losses (`losses`:
-    plots/loss/<name>.csv as (step, loss) rows). One series per run, one scale per axis: they are also what `dvc plots
+    curves (per selection: group_curves), each run's per-layer importance (`importance`: run -> its scores JSON) and
+    the training losses (`losses`: plots/loss/<name>.csv as (step, loss) rows), with the 95% intervals of `bars`
+    (error_bars) drawn as error bars. One series per selection, one scale per axis: they are also what `dvc plots
     show` renders (offline, unlike its vega charts). Returns their paths."""
+    bars = bars or {"sweep": {}, "curves": {}}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +344,8 @@ def figures(curves: dict, sweep: list[dict], importance: dict[str, dict], out_di
     if sweep:  # visual and text retention on axes of their own: text retention can be several times 1
         fig, (visual_ax, text_ax) = plt.subplots(1, 2, figsize=(8, 3.5))
         xs = [r["tuned_layers"] for r in sweep]
-        visual_ax.plot(xs, [r["visual_retention"] for r in sweep], "o-")
+        kept = [r["visual_retention"] for r in sweep]
+        visual_ax.errorbar(xs, kept, yerr=_yerr(kept, [bars["sweep"].get(x) for x in xs]), fmt="o-", capsize=3)
         visual_ax.set(xlabel="tuned layers (uniform)", ylabel="visual score / `all` score", title="Visual retention")
         text_ax.plot(xs, [r["text_retention"] for r in sweep], "s--", color="tab:orange")
         text_ax.set(xlabel="tuned layers (uniform)", ylabel="text QA / `all` text QA", title="Text QA retention")
@@ -214,11 +355,15 @@ def figures(curves: dict, sweep: list[dict], importance: dict[str, dict], out_di
     if curves:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name, points in curves.items():
-            line, = ax.plot([p["removed_layers"] for p in points], [p["visual_score"] for p in points], "o-",
-                            label=f"{name} ({points[-1]['mode']})")
+            ks, scores = [p["removed_layers"] for p in points], [p["visual_score"] for p in points]
+            seeds = f", {len(points[0]['replicas'])} seeds" if len(points[0].get("replicas", [])) > 1 else ""
+            drawn = ax.errorbar(ks, scores, yerr=_yerr(scores, [bars["curves"].get(name, {}).get(k) for k in ks]),
+                                fmt="o-", capsize=3, label=f"{name} ({points[-1]['mode']}{seeds})")
             healed = healed_scores(points)
             if healed:
-                ax.plot(list(healed), list(healed.values()), "s--", color=line.get_color(), label=f"{name}, healed")
+                bounds = [bars["curves"].get(f"{name}, healed", {}).get(k) for k in healed]
+                ax.errorbar(list(healed), list(healed.values()), yerr=_yerr(list(healed.values()), bounds), fmt="s--",
+                            capsize=3, color=drawn.lines[0].get_color(), label=f"{name}, healed")
         ax.set(xlabel="removed layers", ylabel="visual score", title="Pruning curves")
         ax.legend()
         save(fig, "pruning_curves.png")
@@ -255,9 +400,10 @@ def read_loss_csv(text: str) -> list[tuple[int, float]]:
 
 
 def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str],
-             benchmarks: dict[str, dict] | None = None) -> str:
+             benchmarks: dict[str, dict] | None = None, seeds: dict[str, dict] | None = None) -> str:
     """The report. `figure_links`: the figures' paths relative to the report; `benchmarks`: kind (tuned, pruned) ->
-    its benchmark_rows, a section for each that has any (none: the report has no benchmark section)."""
+    its benchmark_rows, a section for each that has any (none: the report has no benchmark section); `seeds`:
+    seed_table, a section when there are seed replicas."""
     lines = [
         "# Layer-selection report", "",
         "Retention = score / the `all` run's score. Visual = mean exact-match accuracy over the question types "
@@ -275,6 +421,19 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str],
             f"{r['train_seconds']:.0f} | {fmt(r['train_time_ratio'], 2)} | "
             f"{fmt(r['pruned_visual_score'])} ({r['pruned_layers']} layers) | {fmt(r['pruned_visual_retention'])} |"
         )
+    if seeds:
+        def ranged(entry: dict, key: str) -> str:
+            bounds = entry.get(f"{key}_interval")
+            return fmt(entry[key]) + (f" [{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
+
+        lines += ["", "## Selections over training seeds", "",
+                  "Each selection's runs that differ only in `train_seed`: the mean over them, with its 95% interval "
+                  "over seeds and evaluation samples (pipeline/intervals.py).", "",
+                  "| selection | seeds | visual | retention | text QA | vs base LM | text ppl | pruned retention |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {len(e['seeds'])} | {ranged(e, 'visual_score')} | {ranged(e, 'visual_retention')} | "
+                  f"{ranged(e, 'text_qa_accuracy')} | {fmt(e['text_qa_vs_base_lm'])} | {fmt(e['text_ppl'], 1)} | "
+                  f"{fmt(e['pruned_visual_retention'])} |" for name, e in seeds.items()]
     types = sorted({t for r in rows.values() for t in r["per_type"]})
     lines += ["", "## Accuracy per question type", "", "| run | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
     lines += [f"| {name} | " + " | ".join(fmt(r["per_type"].get(t)) for t in types) + " |" for name, r in rows.items()]
@@ -294,9 +453,12 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str],
                              + " | ".join(fmt(v) for v in healed.values()) + " |")
     if checks:
         lines += ["", "## The paper's claims on these numbers", ""]
-        lines += ["Each comparison with its 95% paired bootstrap interval over the evaluation samples: a claim holds or "
-                  "fails when the interval is on one side of its threshold, and is within noise when it straddles it "
-                  "(training noise, another seed, is not in these intervals).", ""]
+        lines += [("Each comparison with its 95% paired bootstrap interval over the training seeds and the evaluation "
+                   "samples: a claim holds or fails when the interval is on one side of its threshold, and is within "
+                   "noise when it straddles it." if seeds else
+                   "Each comparison with its 95% paired bootstrap interval over the evaluation samples: a claim holds or "
+                   "fails when the interval is on one side of its threshold, and is within noise when it straddles it "
+                   "(training noise, another seed, is not in these intervals)."), ""]
         lines += [f"- {verdict}: {claim} ({evidence})" for claim, verdict, evidence in checks]
     lines += ["", "## Figures", ""] + [f"![{Path(link).stem}]({link})" for link in figure_links]
     return "\n".join(lines) + "\n"
@@ -321,8 +483,11 @@ def retention_csv(sweep: list[dict]) -> str:
         f"{r['tuned_layers']},{clean(r['visual_retention'])},{clean(r['text_retention'])}\n" for r in sweep)
 
 
-def summary(rows: dict, checks: list) -> dict:
-    """The report's metrics: each run's numbers (NaN as null) and each claim's verdict."""
+def summary(rows: dict, checks: list, seeds: dict[str, dict] | None = None) -> dict:
+    """The report's metrics: each run's numbers (NaN as null), each claim's verdict and, with seed replicas, each
+    selection's means and intervals (seed_table) under "selections"."""
     out = {name: {k: clean(v) for k, v in r.items() if k not in ("per_type", "layers", "strategy")} for name, r in rows.items()}
     out["claims"] = {claim: verdict for claim, verdict, _ in checks}
+    if seeds:
+        out["selections"] = {name: {k: clean(v) for k, v in e.items()} for name, e in seeds.items()}
     return out

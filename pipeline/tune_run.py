@@ -44,6 +44,8 @@ def run_params(params, name: str, layers: list[int], key: dict, *, processes: in
         selection["tune.run.budget"] = spec.budget
     if strategy == "random":
         selection["tune.run.seed"] = spec.seed
+    if spec.train_seed is not None:  # a seed replica: the seed it trained with (else the top-level `seed`)
+        selection["tune.run.train_seed"] = spec.train_seed
     if strategy == "importance":
         selection |= {"tune.run.importance_metric": spec.importance_metric, "tune.run.importance_from": spec.importance_from}
     return {

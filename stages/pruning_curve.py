@@ -29,7 +29,8 @@ def main(argv: list[str]) -> None:
         healing = None
         if cfg.curve.heal_steps:
             healing = Healing(
-                run=params.tune.run(name), tune=params.tune, steps=cfg.curve.heal_steps, seed=params.seed,
+                run=params.tune.run(name), tune=params.tune, steps=cfg.curve.heal_steps,
+                seed=params.tune.run(name).training_seed(params.seed),
                 data=visual["instruct_train"], data_name=f"{paths.PREPARED / data.VISUAL_DIR}, split 'instruct_train'",
                 ckpt_dir=paths.CHECKPOINTS / "heal",
             )

@@ -30,17 +30,22 @@ def main(argv: list[str]) -> None:
 
     base_lm = inputs.read_json(paths.stage_metrics("base"), "build_base")
     rows = report.run_rows(runs, evals, layers, base_lm)
-    sweep = report.sweep_rows(rows, runs)
-    checks = report.claims(rows, curves, report.claim_runs(runs), evals)
+    replicas = params.tune.replicas(params.seed)  # a selection's runs over training seeds
+    selections = report.group_rows(rows, replicas)
+    sweep = report.sweep_rows(selections, runs)
+    checks = report.claims(rows, curves, report.claim_runs(runs), evals, replicas)
+    seeds = report.seed_table(selections, evals, replicas)
     shutil.rmtree(paths.FIGURES, ignore_errors=True)
     losses = {name: report.read_loss_csv(paths.loss_plot(name).read_text())
               for name in (*report.PRETRAINING_LOSSES, *runs) if paths.loss_plot(name).exists()}
-    written = report.figures(curves, sweep, importance, paths.FIGURES, losses)
+    grouped_curves = report.group_curves(curves, replicas)
+    bars = report.error_bars(selections, sweep, grouped_curves, evals, replicas)
+    written = report.figures(grouped_curves, sweep, importance, paths.FIGURES, losses, bars)
     atomic_write_text(paths.RETENTION_PLOT, report.retention_csv(sweep))
-    atomic_write_json(paths.SUMMARY, report.summary(rows, checks))
+    atomic_write_json(paths.SUMMARY, report.summary(rows, checks, seeds))
     links = [os.path.relpath(path, paths.REPORT.parent) for path in sorted(written)]
     benchmarks = {kind: report.benchmark_rows(evals, kind) for kind in ("tuned", "pruned")}
-    text = report.markdown(rows, curves, checks, links, benchmarks)
+    text = report.markdown(rows, curves, checks, links, benchmarks, seeds)
     atomic_write_text(paths.REPORT, text)
 
     mlflow = tracking.setup(params.mlflow.experiment)

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
             mlrun = held.enter_context(tune_run.mlflow_run(mlflow, key, name, logged))
         tuned, result, report = training.train_visual(
             vlm, processor, visual, trainability=tune_run.trainability(cfg, spec, layers), projector_lr=cfg.projector_lr,
-            lm_lr=cfg.lm_lr, params=cfg.train, ckpt_dir=ckpt, seed=params.seed,
+            lm_lr=cfg.lm_lr, params=cfg.train, ckpt_dir=ckpt, seed=spec.training_seed(params.seed),
             fingerprint={"stage": "tune", "run": logged, "train": cfg.train.model_dump()},
             reload=lambda: model.load_vlm(projector, dtype=dtype)[0], data_name=data_name, params_key="tune.train",
             prepared=samples,

@@ -67,3 +67,34 @@ def test_runs_scored_on_other_samples_cannot_be_paired():
 def test_a_baseline_that_scores_zero_gives_no_retention():
     assert all(math.isnan(v) for v in intervals.retention_interval(hits(t="1111"), hits(t="0000")))
     assert np.isnan(intervals.retention_interval(hits(t="1"), hits(t="0"))[0])
+
+
+def test_seed_replicas_widen_the_interval_by_their_spread():
+    """Two runs scored on the same samples: as single models, the same answers give a point interval; as three
+    seeds each whose scores disagree, the seed draw widens it, and a run's replicas are averaged."""
+    base = hits(t="1" * 60 + "0" * 40)
+    agree = [hits(t="1" * 60 + "0" * 40)] * 3
+    spread = [hits(t="1" * 40 + "0" * 60), hits(t="1" * 60 + "0" * 40), hits(t="1" * 80 + "0" * 20)]
+    assert intervals.mean_score(spread) == pytest.approx(0.6)
+    assert intervals.difference_interval(agree, [base] * 3) == (0.0, 0.0)
+    low, high = intervals.difference_interval(spread, [base] * 3)
+    assert low < -0.05 and high > 0.05  # seeds 0.4 .. 0.8 around the baseline's 0.6: within noise
+    assert intervals.verdict((low, high), 0.0) == "within noise"
+    # a real gap survives the seed draw: every seed of one run above every seed of the other
+    better = [hits(t="1" * 90 + "0" * 10), hits(t="1" * 92 + "0" * 8), hits(t="1" * 88 + "0" * 12)]
+    assert intervals.verdict(intervals.difference_interval(better, spread), 0.0, strict=True) == "holds"
+
+
+def test_a_single_seed_interval_is_the_same_given_as_a_group_of_one():
+    a, b = hits(t="1100101011" * 10), hits(t="1000101011" * 10)
+    assert intervals.difference_interval([a], [b]) == intervals.difference_interval(a, b)
+    assert intervals.retention_interval([a], b) == intervals.retention_interval(a, b)
+
+
+def test_runs_with_other_seed_counts_are_drawn_independently():
+    a = [hits(t="1" * 50 + "0" * 50), hits(t="1" * 70 + "0" * 30)]
+    b = [hits(t="1" * 60 + "0" * 40)] * 3
+    low, high = intervals.difference_interval(a, b)
+    assert low <= 0.0 <= high
+    low, high = intervals.score_interval(a)
+    assert low < 0.6 < high

@@ -149,3 +149,74 @@ def test_benchmark_tables_are_a_report_section_per_kind():
     assert text.index("## Accuracy per question type") < text.index("## Published benchmarks (tuned models)")
     only_tuned = report.markdown(rows, {}, [], [], {"tuned": tables["tuned"], "pruned": {}})
     assert "(pruned models)" not in only_tuned and "(tuned models)" in only_tuned
+
+
+# ------------------------------------------------------------------------------------------------ seed replicas
+def seeded_runs():
+    raw = {"tune": {"runs": {"all": {"strategy": "all"}, "all-seed1": {"strategy": "all", "train_seed": 1},
+                             "even": {"strategy": "uniform", "budget": 0.25},
+                             "even-seed1": {"strategy": "uniform", "budget": 0.25, "train_seed": 1},
+                             "block": {"strategy": "top", "budget": 0.25}}}}
+    params = config.validate(raw)
+    return params.tune.all_runs(), params.tune.replicas(params.seed)
+
+
+def evaluated(visual: str, text: str = "1" * 10 + "0" * 90) -> dict:
+    tuned = {"visual_score": visual.count("1") / len(visual), "text_qa_accuracy": text.count("1") / len(text),
+             "text_ppl": 10.0, "train_seconds": 10.0, "trainable_parameters": 1, "per_type": {"colour": 0.5},
+             "samples": {"visual": {"colour": visual}, "text_qa": {"fact": text}}}
+    return {"tuned": tuned, "pruned": {"visual_score": 0.5, "num_decoder_layers": 2}}
+
+
+def test_replicas_are_the_runs_that_differ_only_in_their_training_seed():
+    runs, replicas = seeded_runs()
+    assert replicas == {"all": ["all", "all-seed1"], "even": ["even", "even-seed1"], "block": ["block"]}
+    twin = {"tune": {"runs": {"all": {"strategy": "all"}, "all-again": {"strategy": "all", "train_seed": 0}}}}
+    with __import__("pytest").raises(config.ParamsError, match=r"\['all', 'all-again'\] are the same selection"):
+        config.validate(twin)
+
+
+def test_a_claim_that_one_seed_passes_is_within_noise_over_two_seeds():
+    """Seed 0 of `even` answers as the baseline does: alone, its retention is 1 with no doubt. Seed 1 keeps 80 of the
+    baseline's 100 right answers: over both seeds the mean retention is 0.9 and its interval, which draws the seeds,
+    reaches across 0.95."""
+    runs, replicas = seeded_runs()
+    base = "1" * 100 + "0" * 20
+    evals = {"all": evaluated(base), "all-seed1": evaluated(base), "even": evaluated(base),
+             "even-seed1": evaluated("0" * 20 + base[20:]), "block": evaluated("1" * 50 + "0" * 70)}
+    layers = {name: [0] for name in runs}
+    rows = report.run_rows(runs, evals, layers)
+    claim = "uniform 25% keeps >= 95% of the `all` visual score"
+    alone = {c: v for c, v, _ in report.claims(rows, {}, report.claim_runs(runs), evals)}
+    assert alone[claim] == "holds"  # seed 0 only
+    both = {c: (v, e) for c, v, e in report.claims(rows, {}, report.claim_runs(runs), evals, replicas)}
+    verdict, evidence = both[claim]
+    assert verdict == "within noise" and "retention 0.900 (mean over 2 seeds)" in evidence
+    selections = report.group_rows(rows, replicas)
+    assert selections["even"]["seeds"] == ["even", "even-seed1"] and selections["block"]["visual_score"] == 50 / 120
+    table = report.seed_table(selections, evals, replicas)
+    low, high = table["even"]["visual_retention_interval"]
+    assert low < 0.95 < high and table["all"]["visual_retention"] == 1.0
+    text = report.markdown(rows, {}, [], [], seeds=table)
+    assert "## Selections over training seeds" in text and "| even | 2 | 0.750 [" in text
+    assert report.summary(rows, [], table)["selections"]["even"]["seeds"] == ["even", "even-seed1"]
+
+
+def test_pruning_curves_of_replicas_are_averaged_and_drawn_with_their_intervals(tmp_path):
+    runs, replicas = seeded_runs()
+    def point(k, visual, healed=None):
+        p = {"removed_layers": k, "mode": "protected", "visual_score": visual.count("1") / 100,
+             "samples": {"visual": {"colour": visual}}}
+        return p | ({"healed": {"visual_score": healed.count("1") / 100, "samples": {"visual": {"colour": healed}}}}
+                    if healed else {})
+    curves = {"even": [point(0, "1" * 90 + "0" * 10), point(1, "1" * 60 + "0" * 40, "1" * 70 + "0" * 30)],
+              "even-seed1": [point(0, "1" * 80 + "0" * 20), point(1, "1" * 40 + "0" * 60, "1" * 50 + "0" * 50),
+                             point(2, "0" * 100)]}
+    grouped = report.group_curves(curves, replicas)
+    assert list(grouped) == ["even"] and [p["removed_layers"] for p in grouped["even"]] == [0, 1]  # k both reached
+    assert grouped["even"][1]["visual_score"] == 0.5 and grouped["even"][1]["healed"]["visual_score"] == 0.6
+    bars = report.error_bars({}, [], grouped, {}, replicas)
+    low, high = bars["curves"]["even"][1]
+    assert low < 0.5 < high and bars["curves"]["even, healed"][0] == bars["curves"]["even"][0]
+    written = report.figures(grouped, [], {}, tmp_path, bars=bars)
+    assert [p.name for p in written] == ["pruning_curves.png"] and written[0].stat().st_size > 0
