@@ -278,6 +278,9 @@ class LMPretrainParams(_Strict):
     lr: float = Field(3e-3, gt=0)
     seq_len: int = Field(128, ge=8)
     train: TrainParams = TrainParams(max_steps=600, batch_size=16)
+    # A test bed whose depth is used (issue 20): build_base fails when one decoder layer carries more than this share
+    # of the pretrained LM's summed Block Influence on held-out text (metrics/base.json lm_bi_top_share). null: no gate.
+    max_bi_top_share: float | None = Field(None, gt=0, le=1)
 
 
 class VisionPretrainParams(_Strict):

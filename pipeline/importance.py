@@ -198,9 +198,9 @@ def _first_tensor(x: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden states in a decoder layer's {type(x).__name__}")
 
 
-def _register_layer_hooks(model: nn.Module, acc: _Accumulator) -> list[Any]:
+def _register_layer_hooks(model: nn.Module, acc: _Accumulator, layers: nn.ModuleList | None = None) -> list[Any]:
     handles = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model) if layers is None else layers):
         def hook(module, args, kwargs, output, i=i):
             h_in = args[0] if args else kwargs["hidden_states"]
             acc.add(i, h_in, _first_tensor(output))
@@ -337,6 +337,42 @@ def hidden_state_scores(
         image_attention=[s / att_pairs if att_pairs else math.nan for s in att_sums] if attention else None,
         tokens={k: (acc.count[k][0] if num_layers else 0) for k in acc.KINDS},
     )
+
+
+@torch.no_grad()
+def text_block_influence(lm: nn.Module, tokenizer, texts: list[str], *, batch_size: int, max_length: int) -> list[float]:
+    """BI per decoder layer of a language model alone (no image) on `texts`, every non-padding token: the base LM's
+    depth profile, before any visual tuning. `lm`: a causal LM, or the bare decoder (a VLM's language_model, whose
+    `layers` are its own). The model is put in eval mode and left there."""
+    lm.eval()
+    tokenizer.padding_side = "right"
+    layers = next((m.layers for m in (lm, getattr(lm, "model", None)) if isinstance(getattr(m, "layers", None), nn.ModuleList)),
+                  None) or decoder_layers(lm)
+    acc = _Accumulator(len(layers))
+    handles = _register_layer_hooks(lm, acc, layers)
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            valid = enc["attention_mask"].bool()
+            acc.masks = {"all": valid, "image": torch.zeros_like(valid), "text": valid}
+            lm(**{k: v.to(lm.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - c for c in acc.mean("cos", "all")]
+
+
+def influence_spread(bi: list[float]) -> dict[str, float]:
+    """How a BI profile is spread over the depth: `top_share`, the largest layer's share of the summed BI (1/L when
+    even; the tiny LM's layer 0 carried most of it), and `effective_layers`, exp of the entropy of the shares (L when
+    even, 1 when one layer carries all)."""
+    values = [max(v, 0.0) for v in bi if not math.isnan(v)]
+    total = sum(values)
+    if not total:
+        return {"top_share": math.nan, "effective_layers": math.nan}
+    shares = [v / total for v in values]
+    return {"top_share": max(shares), "effective_layers": math.exp(-sum(q * math.log(q) for q in shares if q > 0))}
 
 
 _LM_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.text_model.", "model.model.", "model.")

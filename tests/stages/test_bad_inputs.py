@@ -422,6 +422,17 @@ def test_composing_with_a_language_model_without_a_decoder_layer_list(tmp_path, 
                    "no decoder layer list at `.model.layers`", outputs=("models/base", "metrics/base.json"))
 
 
+def test_a_base_lm_whose_depth_is_not_used_fails_the_depth_gate(tmp_path, prepared):
+    """lm_pretrain.max_bi_top_share (issue 20): a gate no LM can pass (one layer's share of the summed BI is at least
+    1/L) refuses the built LM in one line naming the key and the layer, and writes no base model."""
+    link(tmp_path, "data/prepared", prepared)
+    raw = params(lm_pretrain={"seq_len": 16, "max_bi_top_share": 0.2,
+                              "train": {"max_steps": 1, "batch_size": 2, "save_steps": 1}})
+    proc = stage(tmp_path, "build_base", raw)
+    assert_refused(proc, tmp_path, "DepthProfileError", "lm_pretrain.max_bi_top_share 0.2: decoder layer",
+                   "of its summed Block Influence", outputs=("models/base", "metrics/base.json"))
+
+
 # ------------------------------------------------------------------------------------------------ missing inputs
 def test_params_file_that_is_not_utf8(tmp_path):
     bad = tmp_path / "bad-params.yaml"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import registry_example
 
@@ -22,13 +23,16 @@ def sh(args, cwd, env, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("ws")
+def prepare_workspace(ws: Path, params: dict | None = None):
+    """A git + DVC workspace with the project's code and `params` (None: params/micro.yaml) after one `dvc repro`:
+    (workspace, env, the repro's process)."""
     for name in ("pipeline", "stages", "flows", "dvc.yaml", ".dvcignore"):  # every code dep of dvc.yaml
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name)
-    shutil.copy(REPO / "params" / "micro.yaml", ws / "params.yaml")
+    if params is None:
+        shutil.copy(REPO / "params" / "micro.yaml", ws / "params.yaml")
+    else:
+        (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ, "PATH": f"{PY_BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -44,6 +48,11 @@ def workspace(tmp_path_factory):
     sh(["git", "commit", "-qm", "init"], ws, env)
     first = sh([sys.executable, "-m", "dvc", "repro"], ws, env)
     return ws, env, first
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return prepare_workspace(tmp_path_factory.mktemp("ws"))
 
 
 def test_every_stage_produces_its_outputs(workspace):

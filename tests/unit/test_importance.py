@@ -244,3 +244,22 @@ def test_no_batches_raises(micro):
     model, _ = micro
     with pytest.raises(ValueError, match="no calibration batches"):
         importance.layer_importance(model, [])
+
+
+# ---------------------------------------------------------------------------------------- the base LM's depth profile
+def test_the_base_lm_profile_is_measured_on_text_alone(micro4):
+    """BI of the language model alone, on text: the same numbers the full model's hooks give on a text-only batch,
+    one per decoder layer, and the spread reads them (hand-checked on known profiles)."""
+    vlm, processor = micro4
+    texts = ["the red circle is left of the blue square", "two shapes"]
+    bi = importance.text_block_influence(vlm.model.language_model, processor.tokenizer, texts, batch_size=2,
+                                         max_length=16)
+    assert len(bi) == 4 and all(0 <= b <= 2 for b in bi)
+    enc = processor.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=16)
+    full = importance.hidden_state_scores(vlm, [dict(enc)], attention=False).bi
+    assert bi == pytest.approx(full, abs=1e-9)
+    even = importance.influence_spread([0.1] * 4)
+    assert even["top_share"] == pytest.approx(0.25) and even["effective_layers"] == pytest.approx(4.0)
+    one = importance.influence_spread([0.8, 0.0, 0.0, 0.0])
+    assert one["top_share"] == 1.0 and one["effective_layers"] == pytest.approx(1.0)
+    assert math.isnan(importance.influence_spread([0.0, 0.0])["top_share"])
