@@ -5,8 +5,8 @@ For each candidate shape (fields of pipeline.config.ProfileSpec) it trains the t
 the profile's own code on a prepared text corpus (a `dvc repro prepare` workspace), pretrains it by next-token loss
 (AdamW, the lm_pretrain batch and sequence length, linear warm-up then constant LR: a search tool, not the stage's
 schedule), and every `--every` steps measures BI per decoder layer on the held-out text
-(pipeline.importance.text_block_influence) with its spread (influence_spread: the largest layer's share of the summed
-BI, and the effective number of layers). The stage `build_base` records the same profile of the LM it built
+(pipeline.importance.text_block_influence) with its spread (influence_spread: the median layer's BI over the largest's, the
+largest layer's share of the summed BI, and the effective number of layers). The stage `build_base` records the same profile of the LM it built
 (metrics/base.json), which is what a params file is judged on.
 
     .venv/bin/python bench/bi_spread.py --prepared data/prepared --steps 2000 --every 500 \\
@@ -58,7 +58,7 @@ def run_candidate(name: str, overrides: dict, args) -> dict:
         bi = importance.text_block_influence(lm, tokenizer, test_texts, batch_size=32, max_length=args.seq_len)
         spread = importance.influence_spread(bi)
         profile.append({"step": step, "bi": [round(b, 4) for b in bi], **spread, "seconds": time.perf_counter() - start})
-        print(f"{name} step {step}: top share {spread['top_share']:.3f}, effective layers "
+        print(f"{name} step {step}: median/max {spread['median_to_max']:.3f}, top share {spread['top_share']:.3f}, effective layers "
               f"{spread['effective_layers']:.2f}, BI {[round(b, 3) for b in bi]}", flush=True)
 
     measure()
@@ -106,12 +106,12 @@ def main() -> None:
     for item in args.candidate or ["tiny:{}"]:
         name, _, spec = item.partition(":")
         results.append(run_candidate(name, json.loads(spec or "{}"), args))
-    print("\n| candidate | params | step | top share | effective layers | BI layer 0 | max BI of layers 1.. |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| candidate | params | step | median / max BI | top share | effective layers | BI layer 0 | max BI of layers 1.. |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for p in r["profile"]:
             rest = max((b for b in p["bi"][1:] if not math.isnan(b)), default=math.nan)
-            print(f"| {r['name']} | {r['parameters']:,} | {p['step']} | {p['top_share']:.3f} | "
+            print(f"| {r['name']} | {r['parameters']:,} | {p['step']} | {p['median_to_max']:.3f} | {p['top_share']:.3f} | "
                   f"{p['effective_layers']:.2f} | {p['bi'][0]:.3f} | {rest:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

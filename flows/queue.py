@@ -28,9 +28,11 @@ class QueueError(PipelineError):
 
 def selection_overrides(params, run: str) -> list[str]:
     """`dvc exp run -S` overrides that leave, of the params' runs, only `run`, the baseline and the run `run` is
-    scored from (an importance run), and only those in the pruning curve."""
+    scored from (an importance run), each with its seed replicas (config.TuneParams.replicas), and only those in the
+    pruning curve."""
     spec = params.tune.all_runs()[run]
-    keep = {BASELINE, run} | ({spec.importance_from} if spec.importance_from else set())
+    wanted = {BASELINE, run} | ({spec.importance_from} if spec.importance_from else set())
+    keep = {name for names in params.tune.replicas(params.seed).values() if wanted & set(names) for name in names}
     overrides = [f"~tune.runs.{name}" for name in params.tune.runs if name not in keep]
     overrides += [f"~tune.importance_runs.{name}" for name in params.tune.importance_runs if name not in keep]
     curve = [name for name in params.prune.curve.runs if name in keep]
@@ -45,7 +47,8 @@ def queue_study(params_file: str, runs: list[str] | None = None, prefix: str = "
 
     source = (REPO / params_file).resolve()
     params = config.load(source)  # validated: a bad file fails here, before anything is queued
-    selections = runs or [name for name in params.tune.all_runs() if name != BASELINE]
+    # one experiment per selection: its seed replicas train in it together (selection_overrides)
+    selections = runs or [name for name, replicas in params.tune.replicas(params.seed).items() if BASELINE not in replicas]
     unknown = sorted(set(selections) - set(params.tune.all_runs()) | ({BASELINE} & set(selections)))
     if unknown:
         raise QueueError(f"--runs {unknown}: not selections of {params_file} (the baseline `{BASELINE}` is in every one)")

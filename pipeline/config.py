@@ -278,9 +278,10 @@ class LMPretrainParams(_Strict):
     lr: float = Field(3e-3, gt=0)
     seq_len: int = Field(128, ge=8)
     train: TrainParams = TrainParams(max_steps=600, batch_size=16)
-    # A test bed whose depth is used (issue 20): build_base fails when one decoder layer carries more than this share
-    # of the pretrained LM's summed Block Influence on held-out text (metrics/base.json lm_bi_top_share). null: no gate.
-    max_bi_top_share: float | None = Field(None, gt=0, le=1)
+    # A test bed whose depth is used (issue 20): build_base fails when the pretrained LM's median decoder layer has
+    # less than this share of its largest layer's Block Influence on held-out text (metrics/base.json
+    # lm_bi_median_to_max; published LLM profiles: 0.12-0.18). null: recorded, not gated.
+    min_bi_median_to_max: float | None = Field(None, gt=0, le=1)
 
 
 class VisionPretrainParams(_Strict):
@@ -445,7 +446,8 @@ class PruneParams(_Strict):
 class BenchmarksParams(_Strict):
     """The published benchmarks (pipeline/benchmarks, docs/benchmarks.md), run through lm-evaluation-harness on the
     tuned and pruned model of each run. `tasks`: shipped tasks or groups (pope, pope_random, gqa, textvqa_val,
-    scienceqa_img, mmbench_dev_en, mmbench_dev_en_circular, mme, seedbench_img, mmlu_csv), read from their files under
+    scienceqa_img, mmbench_dev_en, mmbench_dev_en_circular, mme, seedbench_img, mmlu_csv; tiny_probes, the tiny world's
+    visual probes), read from their files under
     `data_dir`, or any of lm-eval's own tasks (mmlu, bbh, ceval-valid, cmmlu, mmmu_val, ...), read from the Hugging
     Face datasets cache offline. Empty: no benchmark (the default)."""
 

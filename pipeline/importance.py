@@ -364,15 +364,19 @@ def text_block_influence(lm: nn.Module, tokenizer, texts: list[str], *, batch_si
 
 
 def influence_spread(bi: list[float]) -> dict[str, float]:
-    """How a BI profile is spread over the depth: `top_share`, the largest layer's share of the summed BI (1/L when
-    even; the tiny LM's layer 0 carried most of it), and `effective_layers`, exp of the entropy of the shares (L when
-    even, 1 when one layer carries all)."""
-    values = [max(v, 0.0) for v in bi if not math.isnan(v)]
+    """How a BI profile is spread over the depth. `median_to_max`: the median layer's BI / the largest layer's, the
+    depth-independent measure the test-bed gate reads (published LLM profiles: 0.12-0.18, docs/results.md; the tiny
+    LM's 0.015: layer 0 does nearly all of the work). `top_share`: the largest layer's share of the summed BI (1/L when
+    even). `effective_layers`: exp of the entropy of the shares (L when even, 1 when one layer carries all)."""
+    values = sorted(max(v, 0.0) for v in bi if not math.isnan(v))
     total = sum(values)
     if not total:
-        return {"top_share": math.nan, "effective_layers": math.nan}
+        return {"median_to_max": math.nan, "top_share": math.nan, "effective_layers": math.nan}
+    middle = len(values) // 2
+    median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
     shares = [v / total for v in values]
-    return {"top_share": max(shares), "effective_layers": math.exp(-sum(q * math.log(q) for q in shares if q > 0))}
+    return {"median_to_max": median / values[-1], "top_share": max(shares),
+            "effective_layers": math.exp(-sum(q * math.log(q) for q in shares if q > 0))}
 
 
 _LM_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.text_model.", "model.model.", "model.")

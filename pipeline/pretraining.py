@@ -14,7 +14,7 @@ from pipeline.errors import ProjectError
 
 
 class DepthProfileError(ProjectError):
-    """The pretrained LM's Block Influence is concentrated in one layer, past lm_pretrain.max_bi_top_share."""
+    """The pretrained LM's Block Influence is concentrated in few layers, past lm_pretrain.min_bi_median_to_max."""
 
 
 def pretrain_vision(params, vision_dir: Path, tokenizer, pairs, ckpt_dir: Path) -> tuple[dict, list[dict]]:
@@ -80,18 +80,19 @@ def pretrain_lm(params, lm_dir: Path, tokenizer, texts_train: list[str], texts_t
     # The depth profile before any visual tuning: BI per layer on the held-out text, and how it is spread.
     bi = importance.text_block_influence(lm, tokenizer, test, **ppl_args)
     spread = importance.influence_spread(bi)
-    gate = cfg.max_bi_top_share
-    if gate is not None and not spread["top_share"] <= gate:
+    gate = cfg.min_bi_median_to_max
+    if gate is not None and not spread["median_to_max"] >= gate:
         top = max(range(len(bi)), key=lambda i: bi[i])
         raise DepthProfileError(
-            f"lm_pretrain.max_bi_top_share {gate}: decoder layer {top} of the pretrained LM carries "
-            f"{spread['top_share']:.3f} of its summed Block Influence (effective layers {spread['effective_layers']:.2f}"
-            f" of {len(bi)}); this LM's depth is not used as the gate asks: pretrain it longer or change its shape")
+            f"lm_pretrain.min_bi_median_to_max {gate}: the pretrained LM's median decoder layer has "
+            f"{spread['median_to_max']:.3f} of the Block Influence of its layer {top} ({bi[top]:.3f}; effective layers "
+            f"{spread['effective_layers']:.2f} of {len(bi)}): its depth is not used as the gate asks; pretrain it "
+            f"longer or change its shape")
     model.save_language_model(lm, tokenizer, lm_dir)
     training.finish(ckpt_dir)
     return {
         "lm_ppl_untrained": before, "lm_ppl_pretrained": after, "lm_text_qa_accuracy": qa_acc["accuracy"],
         "lm_pretrain_steps": result.steps, "lm_pretrain_seconds": result.train_seconds, "lm_final_loss": result.final_loss,
-        "lm_block_influence": bi, "lm_bi_top_share": spread["top_share"],
+        "lm_block_influence": bi, "lm_bi_median_to_max": spread["median_to_max"], "lm_bi_top_share": spread["top_share"],
         "lm_bi_effective_layers": spread["effective_layers"],
     }, result.loss_history

@@ -43,6 +43,11 @@ SHIPPED: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("mme", ("mme",), ("perception", "cognition")),
     Benchmark("seedbench_img", ("seedbench/SEED-Bench.json", "seedbench/SEED-Bench-image"), ("accuracy",)),
     Benchmark("mmlu_csv", ("mmlu/test", "mmlu/dev"), ("acc",), kind="text"),
+    # the tiny world's own probes, exported from the prepared data (pipeline/benchmarks/tiny_probes.py); in no
+    # params' task list: evaluate scores them natively, tests/unit/test_probe_equivalence.py shows both agree
+    Benchmark("tiny_probes", ("tiny_probes/probes.jsonl", "tiny_probes/images"),
+              ("colour", "count", "position", "shape", "yesno", "digit", "visual_score", "vqa_accuracy",
+               "digits_accuracy")),
 )}
 GROUPS: dict[str, tuple[str, ...]] = {"pope": ("pope_random", "pope_popular", "pope_adversarial")}
 
@@ -107,7 +112,8 @@ def check_files(tasks: list[str], data_dir: str | Path) -> None:
 # 2800 (14 categories of at most 200). A group (POPE's three splits) counts once, as the mean of its tasks.
 HEADLINE = {"pope_random": "f1", "pope_popular": "f1", "pope_adversarial": "f1", "gqa": "exact_match",
             "textvqa_val": "vqa_accuracy", "scienceqa_img": "accuracy", "mmbench_dev_en": "accuracy",
-            "mmbench_dev_en_circular": "circular_accuracy", "seedbench_img": "accuracy", "mmlu_csv": "acc"}
+            "mmbench_dev_en_circular": "circular_accuracy", "seedbench_img": "accuracy", "mmlu_csv": "acc",
+            "tiny_probes": "visual_score"}
 MME_MAX = 2800.0
 AVERAGE_METRIC = "mean"  # the averages' entry: {"visual_average": {"mean": ...}}
 

@@ -252,12 +252,39 @@ def load_mmlu_csv(data_dir: Path) -> dict[str, list[dict]]:
     return {"test": _mmlu_rows(root / "test", "test"), "dev": _mmlu_rows(root / "dev", "dev")}
 
 
+# ------------------------------------------------------------------------------------------ the tiny world's probes
+def load_tiny_probes(data_dir: Path) -> list[dict]:
+    """The tiny world's probes as pipeline/benchmarks/tiny_probes.py exports them from the prepared data:
+    tiny_probes/probes.jsonl, one {id, set (vqa|digits), qtype, question, answer, image} a line, in the order the
+    native evaluator asks them; image relative to tiny_probes/."""
+    root = Path(data_dir) / "tiny_probes"
+    path = root / "probes.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise BenchmarkDataError(f"{path} is missing") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except ValueError as err:
+            raise BenchmarkDataError(f"{path}: line {number} is not JSON: {err}") from None
+        where = f"on line {number}"
+        if _field(raw, "set", path, where) not in ("vqa", "digits"):
+            raise BenchmarkDataError(f"{path}: line {number}: set must be vqa or digits, got {raw['set']!r}")
+        records.append({key: str(_field(raw, key, path, where)) for key in ("id", "set", "qtype", "question", "answer")}
+                       | {"image_path": str(root / _field(raw, "image", path, where))})
+    return records
+
+
 LOADERS = {
     "pope_random": lambda d: load_pope(d, "random"), "pope_popular": lambda d: load_pope(d, "popular"),
     "pope_adversarial": lambda d: load_pope(d, "adversarial"), "gqa": load_gqa, "textvqa_val": load_textvqa,
     "scienceqa_img": load_scienceqa_img, "mmbench_dev_en": load_mmbench,
     "mmbench_dev_en_circular": lambda d: load_mmbench(d, circular=True), "mme": load_mme, "seedbench_img": load_seedbench_img,
-    "mmlu_csv": load_mmlu_csv,
+    "mmlu_csv": load_mmlu_csv, "tiny_probes": load_tiny_probes,
 }
 
 

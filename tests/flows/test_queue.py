@@ -35,10 +35,15 @@ def apply(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-@pytest.mark.parametrize("run, runs, importance, curve", [
-    ("uniform25", {"all", "uniform25"}, set(), ["all", "uniform25"]),
-    ("top25", {"all", "top25"}, set(), ["all"]),
-    ("bi25", {"all"}, {"bi25"}, ["all"]),
+SEEDED = {"all", "all-seed1", "all-seed2"}
+
+
+@pytest.mark.parametrize("run, runs, importance, curve", [  # each selection with its training-seed replicas
+    ("uniform25", SEEDED | {"uniform25", "uniform25-seed1", "uniform25-seed2"}, set(),
+     ["all", "all-seed1", "all-seed2", "uniform25", "uniform25-seed1", "uniform25-seed2"]),
+    ("top25", SEEDED | {"top25", "top25-seed1", "top25-seed2"}, set(), ["all", "all-seed1", "all-seed2"]),
+    ("random25-s1", SEEDED | {"random25-s1"}, set(), ["all", "all-seed1", "all-seed2"]),
+    ("bi25", SEEDED, {"bi25"}, ["all", "all-seed1", "all-seed2"]),
 ])
 def test_each_selection_keeps_itself_and_the_baseline(run, runs, importance, curve):
     raw = yaml.safe_load((REPO / "params" / "study.yaml").read_text())

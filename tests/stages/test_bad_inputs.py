@@ -423,14 +423,14 @@ def test_composing_with_a_language_model_without_a_decoder_layer_list(tmp_path, 
 
 
 def test_a_base_lm_whose_depth_is_not_used_fails_the_depth_gate(tmp_path, prepared):
-    """lm_pretrain.max_bi_top_share (issue 20): a gate no LM can pass (one layer's share of the summed BI is at least
-    1/L) refuses the built LM in one line naming the key and the layer, and writes no base model."""
+    """lm_pretrain.min_bi_median_to_max (issue 20): a gate no LM can pass (the median layer's BI is at most the
+    largest's) refuses the built LM in one line naming the key and the layer, and writes no base model."""
     link(tmp_path, "data/prepared", prepared)
-    raw = params(lm_pretrain={"seq_len": 16, "max_bi_top_share": 0.2,
+    raw = params(lm_pretrain={"seq_len": 16, "min_bi_median_to_max": 1.0,
                               "train": {"max_steps": 1, "batch_size": 2, "save_steps": 1}})
     proc = stage(tmp_path, "build_base", raw)
-    assert_refused(proc, tmp_path, "DepthProfileError", "lm_pretrain.max_bi_top_share 0.2: decoder layer",
-                   "of its summed Block Influence", outputs=("models/base", "metrics/base.json"))
+    assert_refused(proc, tmp_path, "DepthProfileError", "lm_pretrain.min_bi_median_to_max 1.0: the pretrained LM's median",
+                   "its depth is not used", outputs=("models/base", "metrics/base.json"))
 
 
 # ------------------------------------------------------------------------------------------------ missing inputs

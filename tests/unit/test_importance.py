@@ -260,6 +260,11 @@ def test_the_base_lm_profile_is_measured_on_text_alone(micro4):
     assert bi == pytest.approx(full, abs=1e-9)
     even = importance.influence_spread([0.1] * 4)
     assert even["top_share"] == pytest.approx(0.25) and even["effective_layers"] == pytest.approx(4.0)
+    assert even["median_to_max"] == pytest.approx(1.0)
     one = importance.influence_spread([0.8, 0.0, 0.0, 0.0])
-    assert one["top_share"] == 1.0 and one["effective_layers"] == pytest.approx(1.0)
+    assert one["top_share"] == 1.0 and one["effective_layers"] == pytest.approx(1.0) and one["median_to_max"] == 0.0
+    # the tiny LM's measured profile (layer 0 does the work) against a published-like one (every layer some)
+    tiny = [0.799, 0.034, 0.008, 0.009, 0.008, 0.015, 0.012, 0.019, 0.026, 0.036, 0.035, 0.033]
+    assert importance.influence_spread(tiny)["median_to_max"] == pytest.approx(0.0225 / 0.799)
+    assert importance.influence_spread([0.85, 0.37, 0.66] + [0.12] * 9)["median_to_max"] == pytest.approx(0.12 / 0.85)
     assert math.isnan(importance.influence_spread([0.0, 0.0])["top_share"])

@@ -4,7 +4,7 @@ the aggregations over a task's questions that are not plain means (pipeline/benc
 
 Prompts are LLaVA-1.5's evaluation prompts; lm-eval wraps them in the model's own chat template."""
 
-from pipeline.benchmarks import loaders, scoring
+from pipeline.benchmarks import loaders, scoring, tiny_probes
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -104,3 +104,16 @@ def mmlu_text(doc):
     """lm-eval's MMLU prompt: the question, the lettered options, 'Answer:'."""
     options = "".join(f"\n{scoring.LETTERS[k]}. {option.strip()}" for k, option in enumerate(doc["options"]))
     return doc["question"].strip() + options + "\nAnswer:"
+
+
+# ------------------------------------------------------------------------------------------ the tiny world's probes
+def tiny_probe_results(doc, results):
+    """Exact match after pipeline/evaluation.py's normalise, as the native evaluator scores (tiny_probes.py)."""
+    return tiny_probes.results(doc, _prediction(results))
+
+
+tiny_colour_accuracy, tiny_count_accuracy = tiny_probes.colour_accuracy, tiny_probes.count_accuracy
+tiny_position_accuracy, tiny_shape_accuracy = tiny_probes.position_accuracy, tiny_probes.shape_accuracy
+tiny_yesno_accuracy, tiny_digit_accuracy = tiny_probes.yesno_accuracy, tiny_probes.digit_accuracy
+tiny_visual_score = tiny_probes.visual_score
+tiny_vqa_accuracy, tiny_digits_accuracy = tiny_probes.vqa_accuracy, tiny_probes.digits_accuracy
