@@ -130,6 +130,9 @@ class ProfileSpec(_Value):
     lm_heads: int = Field(4, ge=1)
     lm_kv_heads: int = Field(4, ge=1)
     lm_intermediate: int = Field(256, ge=1)
+    # The random LM's initializer_range (LlamaConfig's 0.02): a larger one gives the token embeddings a norm nearer
+    # what the layers write, one lever of the study's test bed whose depth is used (docs/results.md).
+    lm_init_std: float = Field(0.02, gt=0)
     vocab_size: int = Field(1024, ge=1)
     max_position: int = Field(256, ge=1)
 
@@ -168,7 +171,7 @@ class LoraSpec(_Value):
 # --------------------------------------------------------------------------------------------------------------
 class ModelParams(_Strict):
     profile: Literal["tiny", "micro", "hf"] = "tiny"
-    spec: dict[str, int | str] = {}  # overrides of the tiny/micro shape (fields of ProfileSpec)
+    spec: dict[str, int | float | str] = {}  # overrides of the tiny/micro shape (fields of ProfileSpec)
     vision: str | None = None  # hf profile: vision encoder path or hub id (CLIP or SigLIP)
     language_model: str | None = None  # hf profile: causal LM path or hub id (Llama family)
     checkpoint: str | None = None  # hf profile: an existing LLaVA checkpoint instead of composing one

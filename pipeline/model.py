@@ -53,7 +53,7 @@ def lm_config(spec: ProfileSpec, tokenizer):
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.lm_hidden, intermediate_size=spec.lm_intermediate,
         num_hidden_layers=spec.lm_layers, num_attention_heads=spec.lm_heads, num_key_value_heads=spec.lm_kv_heads,
-        max_position_embeddings=spec.max_position, tie_word_embeddings=False,
+        max_position_embeddings=spec.max_position, tie_word_embeddings=False, initializer_range=spec.lm_init_std,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 
