@@ -35,20 +35,13 @@ def run_candidate(name: str, overrides: dict, args) -> dict:
     overrides = dict(overrides)
     lr, weight_decay, steps = (overrides.pop(key, default) for key, default in
                                (("lr", args.lr), ("weight_decay", args.weight_decay), ("steps", args.steps)))
-    init_std = overrides.pop("init_std", None)  # the LlamaConfig initializer_range (0.02) of the random LM
+    if "init_std" in overrides:  # the random LM's initializer_range: ProfileSpec.lm_init_std
+        overrides["lm_init_std"] = overrides.pop("init_std")
     spec = ProfileSpec(**(PROFILES["tiny"].model_dump() | overrides))
     text = datasets.load_from_disk(str(Path(args.prepared) / "text"))
     train_texts, test_texts = list(text["train"]["text"]), list(text["test"]["text"])[: args.test_chunks]
     tokenizer = model.train_tokenizer(train_texts, spec.vocab_size)
-    if init_std is not None:
-        config = model.lm_config(spec, tokenizer)
-        config.initializer_range = init_std
-        torch.manual_seed(args.seed + 1)
-        from transformers import LlamaForCausalLM
-
-        lm = LlamaForCausalLM(config)
-    else:
-        lm = model.build_language_model(spec, tokenizer, args.seed + 1)
+    lm = model.build_language_model(spec, tokenizer, args.seed + 1)  # as build_base builds it
     blocks = torch.tensor(training.text_blocks(train_texts, tokenizer, args.seq_len).with_format(None)["input_ids"][:])
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
@@ -78,7 +71,7 @@ def run_candidate(name: str, overrides: dict, args) -> dict:
                 measure()
             if step >= steps:
                 break
-    return {"name": name, "spec": overrides, "lr": lr, "weight_decay": weight_decay, "init_std": init_std, "parameters": sum(p.numel() for p in lm.parameters()),
+    return {"name": name, "spec": overrides, "lr": lr, "weight_decay": weight_decay, "parameters": sum(p.numel() for p in lm.parameters()),
             "final_loss": float(loss), "profile": profile}
 
 
@@ -87,7 +80,7 @@ def main() -> None:
     parser.add_argument("--prepared", default="data/prepared", help="a prepared data directory (stage prepare)")
     parser.add_argument("--candidate", action="append", default=[],
                         help="NAME:JSON, the ProfileSpec fields that differ from the tiny profile, and optionally "
-                             "lr, weight_decay, steps, init_std (the LM's initializer_range) (repeatable)")
+                             "lr, weight_decay, steps (init_std: an alias of lm_init_std) (repeatable)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--lr", type=float, default=3e-3)

@@ -494,3 +494,19 @@ def test_study_params_are_the_default_plus_the_study_runs():
     num_layers = params.model.profile_spec().lm_layers
     sweep = {len(select_layers(num_layers, r.strategy, r.budget)) for r in runs if r.strategy in ("uniform", "all")}
     assert {1, num_layers} <= sweep and len(sweep) >= 6
+
+
+def test_depth_study_params_are_the_study_on_the_depth_test_bed():
+    """params/study-depth.yaml: params/study.yaml with the test bed's LM (docs/results.md) and only the compared runs,
+    each over 3 training seeds."""
+    study, depth = (yaml.safe_load((ROOT / "params" / p).read_text()) for p in ("study.yaml", "study-depth.yaml"))
+    assert depth["model"].pop("spec") == {"lm_layers": 6, "lm_init_std": 0.1}
+    assert depth["lm_pretrain"].pop("min_bi_median_to_max") == 0.12
+    for raw in (study, depth):
+        raw["tune"].pop("runs"), raw["tune"].pop("importance_runs", None), raw["prune"].pop("curve")
+        raw["lm_pretrain"].pop("lr"), raw["lm_pretrain"]["train"].pop("max_steps")
+    assert depth == study  # regenerate params/study-depth.yaml when params/study.yaml changes
+    params = config.load(ROOT / "params" / "study-depth.yaml")
+    replicas = params.tune.replicas(params.seed)
+    assert {name: len(runs) for name, runs in replicas.items()} == {"all": 3, "uniform25": 3, "top25": 3}
+    assert set(params.prune.curve.runs) == set(replicas["all"]) | set(replicas["uniform25"])
