@@ -50,12 +50,9 @@ def open_image(record: dict):
 
 
 # ------------------------------------------------------------------------------------------------------------ POPE
-def load_pope(data_dir: Path, split: str) -> list[dict]:
-    """POPE (github.com/RUCAIBox/POPE, output/coco/coco_pope_<split>.json): one JSON object per line, {question_id,
-    image, text, label}; the images are COCO val2014's."""
-    root = Path(data_dir) / "pope"
-    path = root / f"coco_pope_{split}.json"
-    records = []
+def _jsonl(path: Path):
+    """(line number, parsed object) for each non-blank line of a JSON-lines file; a missing file or a line that is not
+    JSON is a BenchmarkDataError naming the file (and line)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -64,9 +61,18 @@ def load_pope(data_dir: Path, split: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            yield number, json.loads(line)
         except ValueError as err:
             raise BenchmarkDataError(f"{path}: line {number} is not JSON: {err}") from None
+
+
+def load_pope(data_dir: Path, split: str) -> list[dict]:
+    """POPE (github.com/RUCAIBox/POPE, output/coco/coco_pope_<split>.json): one JSON object per line, {question_id,
+    image, text, label}; the images are COCO val2014's."""
+    root = Path(data_dir) / "pope"
+    path = root / f"coco_pope_{split}.json"
+    records = []
+    for number, raw in _jsonl(path):
         label = str(_field(raw, "label", path, f"on line {number}")).strip().lower()
         if label not in ("yes", "no"):
             raise BenchmarkDataError(f"{path}: line {number}: label must be yes or no, got {label!r}")
@@ -259,18 +265,8 @@ def load_tiny_probes(data_dir: Path) -> list[dict]:
     native evaluator asks them; image relative to tiny_probes/."""
     root = Path(data_dir) / "tiny_probes"
     path = root / "probes.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise BenchmarkDataError(f"{path} is missing") from None
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except ValueError as err:
-            raise BenchmarkDataError(f"{path}: line {number} is not JSON: {err}") from None
+    for number, raw in _jsonl(path):
         where = f"on line {number}"
         if _field(raw, "set", path, where) not in ("vqa", "digits"):
             raise BenchmarkDataError(f"{path}: line {number}: set must be vqa or digits, got {raw['set']!r}")
