@@ -132,7 +132,8 @@ def test_children_that_read_each_others_outputs_are_an_error():
     stages = project_stages(["all", "a", "b"], {})
     stages = [Stage(s.name, s.deps + ("models/tuned/a",), s.outs) if s.name == "tune@b" else s for s in stages]
     with pytest.raises(PlanError, match=r"tune@b \(run b\) reads the outputs of tune@a \(run a\)"):
-        plan_sweep(stages, params_with({"a": UNIFORM, "b": UNIFORM}))
+        # b another seed of a's selection: two identical entries are refused (config: the same selection twice)
+        plan_sweep(stages, params_with({"a": UNIFORM, "b": UNIFORM | {"train_seed": 1}}))
 
 
 def test_dependency_order_keeps_ties_and_refuses_a_cycle():
