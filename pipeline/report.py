@@ -90,7 +90,7 @@ def group_rows(rows: dict[str, dict], replicas: dict[str, list[str]] | None) -> 
         row["per_type"] = {t: _mean([m["per_type"].get(t) for m in members]) for t in members[0]["per_type"]}
         row["seeds"] = names
         out[group] = row
-    base = out[next(g for g, names in replicas.items() if BASELINE in names)]
+    base = out[_baseline(replicas)]
     for row in out.values():
         row |= {"visual_retention": retention(row["visual_score"], base["visual_score"]),
                 "text_retention": retention(row["text_qa_accuracy"], base["text_qa_accuracy"]),
@@ -104,13 +104,10 @@ def seed_table(selections: dict[str, dict], evals: dict[str, dict], replicas: di
     evaluation samples, pipeline/intervals.py) of its visual score and its visual retention against the baseline."""
     if all(len(names) == 1 for names in replicas.values()):
         return {}
-    def hits_of(group: str, kind: str = "visual"):
-        return _group_hits([evals.get(n, {}).get("tuned") for n in replicas[group]], kind)
-
-    base = next(g for g, names in replicas.items() if BASELINE in names)
+    base_hits = _tuned_hits(evals, replicas[_baseline(replicas)])
     out = {}
     for group, row in selections.items():
-        hits, base_hits = hits_of(group), hits_of(base)
+        hits = _tuned_hits(evals, replicas[group])
         entry = {key: row[key] for key in ("visual_score", "visual_retention", "text_qa_accuracy", "text_qa_vs_base_lm",
                                            "text_ppl", "pruned_visual_retention")}
         entry["seeds"] = replicas[group]
@@ -118,7 +115,7 @@ def seed_table(selections: dict[str, dict], evals: dict[str, dict], replicas: di
             entry["visual_score_interval"] = list(intervals.score_interval(hits))
         if hits is not None and base_hits is not None:
             entry["visual_retention_interval"] = list(intervals.retention_interval(hits, base_hits))
-        text = hits_of(group, "text_qa")
+        text = _tuned_hits(evals, replicas[group], "text_qa")
         if text is not None:
             entry["text_qa_interval"] = list(intervals.score_interval(text, intervals.accuracy))
         out[group] = entry
@@ -172,6 +169,16 @@ def _group_hits(entries: list[dict | None], kind: str = "visual"):
     return None if any(h is None for h in found) else found
 
 
+def _tuned_hits(evals: dict[str, dict], names: list[str], kind: str = "visual"):
+    """_group_hits of the tuned models of a selection's replicas `names`."""
+    return _group_hits([evals.get(name, {}).get("tuned") for name in names], kind)
+
+
+def _baseline(replicas: dict[str, list[str]]) -> str:
+    """The selection the baseline run belongs to."""
+    return next(group for group, names in replicas.items() if BASELINE in names)
+
+
 def group_curves(curves: dict, replicas: dict[str, list[str]]) -> dict[str, list[dict]]:
     """The pruning curves per selection: each point's visual score the mean over the selection's replicas that have a
     curve, `replicas` their points (for the intervals), at the removed-layer counts every such replica reached."""
@@ -219,11 +226,11 @@ def claims(rows: dict, curves: dict, compared: dict[str, str | None], evals: dic
     selections = group_rows(rows, replicas)
     out = []
     names = {"uniform": group_of.get(compared["uniform"]), "top": group_of.get(compared["top"]),
-             "base": group_of[BASELINE]}
+             "base": _baseline(replicas)}
     u, top, base = selections.get(names["uniform"]), selections.get(names["top"]), selections[names["base"]]
 
     def tuned(key: str, kind: str = "visual"):
-        return _group_hits([evals.get(name, {}).get("tuned") for name in replicas[names[key]]], kind)
+        return _tuned_hits(evals, replicas[names[key]], kind)
 
     def seeds(key: str) -> str:
         return f" (mean over {len(replicas[names[key]])} seeds)" if len(replicas[names[key]]) > 1 else ""
@@ -286,13 +293,10 @@ def error_bars(selections: dict[str, dict], sweep: list[dict], curves: dict[str,
     (of `selections`, group_rows) the interval of its visual retention against the baseline selection; "curves", per
     selection of `curves` (group_curves) and removed-layer count, the interval of its visual score (and, as
     "<selection>, healed", of its healed score). Missing where samples were not recorded."""
-    def hits_of(group: str):
-        return _group_hits([evals.get(n, {}).get("tuned") for n in replicas[group]])
-
-    base = hits_of(next(g for g, names in replicas.items() if BASELINE in names))
+    base = _tuned_hits(evals, replicas[_baseline(replicas)])
     out: dict = {"sweep": {}, "curves": {}}
     for row in sweep:
-        run = hits_of(next(g for g, r in selections.items() if r is row))
+        run = _tuned_hits(evals, replicas[next(g for g, r in selections.items() if r is row)])
         if run is not None and base is not None:
             out["sweep"][row["tuned_layers"]] = intervals.retention_interval(run, base)
     for group, points in curves.items():

@@ -110,36 +110,17 @@ def set_accuracy(items, set_name: str) -> float:
 
 
 # lm-eval's aggregations, one per metric (tasks/utils.py re-exports them for tasks/tiny_probes.yaml)
-def colour_accuracy(items):
-    return type_accuracy(items, "colour")
+def _aggregation(score, key: str):
+    def aggregate(items):
+        return score(items, key)
+
+    aggregate.__name__ = f"{key}_accuracy"
+    return aggregate
 
 
-def count_accuracy(items):
-    return type_accuracy(items, "count")
-
-
-def position_accuracy(items):
-    return type_accuracy(items, "position")
-
-
-def shape_accuracy(items):
-    return type_accuracy(items, "shape")
-
-
-def yesno_accuracy(items):
-    return type_accuracy(items, "yesno")
-
-
-def digit_accuracy(items):
-    return type_accuracy(items, "digit")
-
-
-def vqa_accuracy(items):
-    return set_accuracy(items, "vqa")
-
-
-def digits_accuracy(items):
-    return set_accuracy(items, "digits")
+colour_accuracy, count_accuracy, position_accuracy, shape_accuracy, yesno_accuracy, digit_accuracy = (
+    _aggregation(type_accuracy, qtype) for qtype in TYPES)
+vqa_accuracy, digits_accuracy = (_aggregation(set_accuracy, set_name) for set_name in SETS)
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
