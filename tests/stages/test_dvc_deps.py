@@ -139,6 +139,10 @@ def test_code_deps_are_exactly_the_modules_the_stage_imports(stage):
     deps = body.get("deps", [])
     code = [d for d in deps if is_code(d)]
     closure = import_closure(entry_module(body["cmd"]))
+    for folder in sorted(LOADED_BY_PATH & set(code)):  # the files lm-eval loads run what they import too
+        for file in sorted((REPO / folder).glob("*.py")):  # a folder, not a package: from the file's own imports
+            for module in imported_modules(file, ".".join(file.relative_to(REPO).with_suffix("").parts)):
+                closure |= import_closure(module)
     listed = listed_code(code)
     problems = [f"add `{path}` to deps (imported)" for path in sorted(closure - listed)]
     for dep in code:
