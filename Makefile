@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro study study-queue test lock clean s3-server mlflow-server prefect-server deploy worker
+.PHONY: setup repro study study-queue readme test lock clean s3-server mlflow-server prefect-server deploy worker
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ study: setup
 # and run one at a time: `dvc exp show` lists them. flows/queue.py.
 study-queue: setup
 	python -m flows.queue --params-file params/study.yaml
+
+# The README's study section from the committed study report (after copying a new `make study` into reports/study).
+readme: setup
+	python -m pipeline.readme README.md reports/study
 
 test: setup
 	python -m pytest -q

@@ -1,12 +1,13 @@
 """The tiny world's probes scored both ways give the same scores (issue 17): the native evaluator
 (pipeline/evaluation.py's evaluate_model, what stage `evaluate` runs) and lm-evaluation-harness with the
 `tiny_probes` task (pipeline/benchmarks/tiny_probes.py + tasks/tiny_probes.yaml, through run_benchmarks) on the same
-prepared records, for a micro and a tiny-shaped model: the same prompt tokens, the same answer to every question, the
+prepared records, for a micro, a tiny-shaped and a trained micro model: the same prompt tokens, the same answer to every question, the
 same hits sample by sample, the same per-type accuracies and visual score, exactly.
 
-The models are untrained, so every answer is wrong on the real records: the scores are checked again on the same
-records with some gold answers replaced by (a variant of) the model's own answer, so that each type has hits and
-misses, with lm-eval in other batches than the native evaluator's (another batch size, and lm-eval sorts by length:
+Two models are untrained, so every answer is wrong on the real records; the third is the micro one trained on the
+probes, whose answers are right for some questions of every type and end where it learned to stop. The scores are
+checked again on the same records with some gold answers replaced by (a variant of) the model's own answer, so that
+each type has hits (and misses), with lm-eval in other batches than the native evaluator's (another batch size, and lm-eval sorts by length:
 other padding in every batch)."""
 
 from __future__ import annotations
@@ -93,15 +94,38 @@ def relabelled(sets, answers: list[str]) -> dict:
     return sets | {"vqa": vqa, "digits": [copy(r) for r in sets["digits"]]}
 
 
-@pytest.fixture(scope="module", params=["micro", "tiny"])
-def model_dir(request, micro_dir, tmp_path_factory):
-    """The micro checkpoint, and an untrained one of the tiny profile's shape (what `make repro` trains)."""
+def trained(micro_dir, sets, out: Path) -> Path:
+    """The micro checkpoint tuned (projector and both layers, 200 steps, about 5 s) on the probes themselves, saved
+    under `out`: a model that answers some questions of every type right and ends its answers itself, unlike an
+    untrained one that decodes max_new_tokens of noise."""
+    import pipeline.model
+    from pipeline import tuning
+    from pipeline.config import TrainParams
+    from pipeline.training import train_visual
+
+    vlm, processor = pipeline.model.load_vlm(micro_dir)
+    records = datasets.Dataset.from_list([{key: r[key] for key in ("id", "image", "qtype", "conversations")}
+                                          for r in probes(sets)], features=data.VISUAL_FEATURES)
+    tuned, _, _ = train_visual(
+        vlm, processor, records, trainability=tuning.Trainability(projector="full", layers=(0, 1)), projector_lr=3e-3,
+        lm_lr=3e-3, params=TrainParams(max_steps=200, batch_size=8, max_length=64, save_steps=10**6, logging_steps=50),
+        ckpt_dir=out / "checkpoints", seed=0, fingerprint={"test": "trained probes"})
+    pipeline.model.save_vlm(tuned, processor, out / "trained")
+    return out / "trained"
+
+
+@pytest.fixture(scope="module", params=["micro", "tiny", "trained"])
+def model_dir(request, micro_dir, sets, tmp_path_factory):
+    """The micro checkpoint, an untrained one of the tiny profile's shape (what `make repro` trains), and the micro
+    one trained on the probes."""
     from conftest import build_micro
 
     import pipeline.model
 
     if request.param == "micro":
         return micro_dir
+    if request.param == "trained":
+        return trained(micro_dir, sets, tmp_path_factory.mktemp("trained"))
     return build_micro(tmp_path_factory.mktemp("tiny"), **pipeline.model.PROFILES["tiny"].model_dump())
 
 
@@ -170,7 +194,7 @@ def test_both_evaluators_prompt_the_same_tokens(runs, model_dir, sets):
 
 
 @pytest.mark.parametrize("name", ["records", "relabelled"])
-def test_both_evaluators_give_the_same_answers_hits_and_scores(runs, name):
+def test_both_evaluators_give_the_same_answers_hits_and_scores(runs, model_dir, name):
     result, answers, run = runs[name]
     samples = run["samples"]["tiny_probes"]
     assert [s["doc_id"] for s in samples] == list(range(len(answers)))
@@ -185,6 +209,16 @@ def test_both_evaluators_give_the_same_answers_hits_and_scores(runs, name):
     assert {q: scores[q] for q in result["per_type"]} == result["per_type"]  # exactly, not approximately
     assert scores["visual_score"] == result["visual_score"]
     assert (scores["vqa_accuracy"], scores["digits_accuracy"]) == (result["vqa_accuracy"], result["digits_accuracy"])
-    if name == "relabelled":  # the scores say something: each type has hits and misses
+    if name == "relabelled":  # the scores say something: each type has hits (and, untrained, misses: the kept golds)
         assert answers == runs["records"][1]  # the golds changed, not the answers
-        assert all(0 < accuracy < 1 for accuracy in result["per_type"].values())
+        assert all(accuracy > 0 for accuracy in result["per_type"].values())
+        if model_dir.name != "trained":
+            assert all(accuracy < 1 for accuracy in result["per_type"].values())
+
+
+def test_the_trained_model_answers_some_probes_of_every_type(runs, model_dir):
+    if model_dir.name != "trained":
+        pytest.skip("the untrained checkpoints answer every real probe wrong")
+    result, answers, _ = runs["records"]
+    assert all(0 < accuracy < 1 for accuracy in result["per_type"].values()), result["per_type"]
+    assert sum(len(a.split()) < 3 for a in answers) > len(answers) / 2  # short answers: it learned where to stop
