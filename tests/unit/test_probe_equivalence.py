@@ -1,14 +1,14 @@
 """The tiny world's probes scored both ways give the same scores (issue 17): the native evaluator
 (pipeline/evaluation.py's evaluate_model, what stage `evaluate` runs) and lm-evaluation-harness with the
 `tiny_probes` task (pipeline/benchmarks/tiny_probes.py + tasks/tiny_probes.yaml, through run_benchmarks) on the same
-prepared records, for a micro, a tiny-shaped and a trained micro model: the same prompt tokens, the same answer to every question, the
-same hits sample by sample, the same per-type accuracies and visual score, exactly.
+prepared records, for a micro, a tiny-shaped and a trained micro model: the same prompt tokens, the same answer to
+every question, the same hits sample by sample, the same per-type accuracies and visual score, exactly.
 
 Two models are untrained, so every answer is wrong on the real records; the third is the micro one trained on the
 probes, whose answers are right for some questions of every type and end where it learned to stop. The scores are
 checked again on the same records with some gold answers replaced by (a variant of) the model's own answer, so that
-each type has hits (and misses), with lm-eval in other batches than the native evaluator's (another batch size, and lm-eval sorts by length:
-other padding in every batch)."""
+each type has hits (and misses), with lm-eval in other batches than the native evaluator's (another batch size, and
+lm-eval sorts by length: other padding in every batch)."""
 
 from __future__ import annotations
 
