@@ -85,4 +85,4 @@ def test_register_gates_each_checkpoint_on_the_benchmark_retentions(benchmarked)
         # the native floors are 0, but an undefined native retention (the micro `all` scoring 0) refuses too
         native = all(entry[key] is not None for key in ("visual_retention", "text_retention"))
         assert entry["promoted"] is (kept and native), entry
-        assert ("benchmark" in entry["gate"]) is not kept, entry  # the gate gives the benchmark as a reason iff it failed
+        assert ("benchmark" in entry["gate"]) is not kept, entry  # the benchmark is a reason exactly when it failed
