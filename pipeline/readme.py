@@ -1,7 +1,7 @@
 """The README's study section, generated from the study's report (reports/study/summary.md): the selections over
 training seeds with their intervals and the paper's claims with their verdicts, copied from the report so that the
 front page says what the committed study says. `make readme` rewrites the block between the markers;
-tests/test_docs.py fails while the block and the report disagree.
+tests/unit/test_readme.py fails while the block and the report disagree.
 
     python -m pipeline.readme [README.md] [reports/study]
 """
