@@ -76,7 +76,7 @@ def mlflow_links(workspace: Path) -> list[tuple[str, str]]:
 
     client = mlflow.MlflowClient(uri)
     links = []
-    for record in sorted((workspace / "metrics" / "tune").glob("*.json")):  # stages/_paths.stage_metrics
+    for record in sorted((workspace / "runs" / "tune").glob("*.json")):  # the tune runs' records (stages/_records.py)
         run_id = json.loads(record.read_text()).get("mlflow_run_id")
         try:
             exp = client.get_run(run_id).info.experiment_id

@@ -57,9 +57,8 @@ def run_rows(runs: dict, evals: dict[str, dict], layers: dict[str, list[int]],
             "text_retention": retention(tuned["text_qa_accuracy"], base["text_qa_accuracy"]),
             "text_qa_vs_base_lm": retention(tuned["text_qa_accuracy"], lm_qa) if lm_qa is not None else None,
             "text_ppl": tuned["text_ppl"], "text_ppl_vs_base_lm": tuned["text_ppl"] / lm_ppl if lm_ppl else None,
-            "train_seconds": tuned["train_seconds"],
-            "train_time_ratio": tuned["train_seconds"] / base["train_seconds"],
-            "trainable_parameters": tuned["trainable_parameters"], "per_type": tuned["per_type"],
+            "trainable_parameters": tuned["trainable_parameters"],
+            "trainable_ratio": tuned["trainable_parameters"] / base["trainable_parameters"], "per_type": tuned["per_type"],
             "pruned_visual_score": pruned["visual_score"],
             "pruned_visual_retention": retention(pruned["visual_score"], base["visual_score"]),
             "pruned_layers": pruned["num_decoder_layers"],
@@ -67,7 +66,7 @@ def run_rows(runs: dict, evals: dict[str, dict], layers: dict[str, list[int]],
     return rows
 
 
-MEANED = ("visual_score", "text_qa_accuracy", "text_qa_vs_base_lm", "text_ppl", "text_ppl_vs_base_lm", "train_seconds",
+MEANED = ("visual_score", "text_qa_accuracy", "text_qa_vs_base_lm", "text_ppl", "text_ppl_vs_base_lm",
           "pruned_visual_score")  # a selection's numbers over its seed replicas: the mean
 
 
@@ -94,7 +93,6 @@ def group_rows(rows: dict[str, dict], replicas: dict[str, list[str]] | None) -> 
     for row in out.values():
         row |= {"visual_retention": retention(row["visual_score"], base["visual_score"]),
                 "text_retention": retention(row["text_qa_accuracy"], base["text_qa_accuracy"]),
-                "train_time_ratio": row["train_seconds"] / base["train_seconds"],
                 "pruned_visual_retention": retention(row["pruned_visual_score"], base["visual_score"])}
     return out
 
@@ -412,9 +410,11 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str],
         "# Layer-selection report", "",
         "Retention = score / the `all` run's score. Visual = mean exact-match accuracy over the question types "
         "(digits included); text = held-out text QA accuracy and perplexity; vs base LM = text QA / the base LM's "
-        "before visual tuning (how much text ability the run kept), ppl × = perplexity / the base LM's.", "",
+        "before visual tuning (how much text ability the run kept), ppl × = perplexity / the base LM's; trainable = trainable parameters, "
+        "× = / the `all` run's. Training times are not results (they differ between identical runs): each run's are "
+        "in its run record (runs/) and in MLflow, and bench/train_bench.py measures the speed-up.", "",
         "| run | strategy | layers | visual | retention | text QA | text retention | vs base LM | text ppl | ppl × "
-        "| train s | time ratio | pruned visual | pruned retention |",
+        "| trainable | trainable × | pruned visual | pruned retention |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -422,7 +422,7 @@ def markdown(rows: dict, curves: dict, checks: list, figure_links: list[str],
             f"| {name} | {r['strategy']} | {','.join(map(str, r['layers']))} | {fmt(r['visual_score'])} | "
             f"{fmt(r['visual_retention'])} | {fmt(r['text_qa_accuracy'])} | {fmt(r['text_retention'])} | "
             f"{fmt(r['text_qa_vs_base_lm'])} | {fmt(r['text_ppl'], 1)} | {fmt(r['text_ppl_vs_base_lm'], 1)} | "
-            f"{r['train_seconds']:.0f} | {fmt(r['train_time_ratio'], 2)} | "
+            f"{r['trainable_parameters']:,} | {fmt(r['trainable_ratio'], 2)} | "
             f"{fmt(r['pruned_visual_score'])} ({r['pruned_layers']} layers) | {fmt(r['pruned_visual_retention'])} |"
         )
     if seeds:

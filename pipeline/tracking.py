@@ -106,26 +106,44 @@ def parent_run_id(mlflow, key_data: dict) -> str:
         return run.info.run_id
 
 
-def evaluation_run_id(mlflow, key: dict, run: str, tune_run_id: str) -> str:
+def evaluation_run_id(mlflow, key: dict, run: str, tune_run_id: str | None) -> str:
     """The MLflow run that `evaluate@<run>` logs into: the tune run itself when it belongs to this pipeline run
     (`key`), so a selection's params, training and scores are one row; otherwise (an experiment that re-used a
     tuned model trained under another pipeline run) a run of this pipeline run's own, named after the selection,
-    carrying the tune run's params and a link to it (tag `vr_tune_run_id`), so the other run's numbers stay its own."""
+    carrying the tune run's params and a link to it (tag `vr_tune_run_id`), so the other run's numbers stay its own.
+    `tune_run_id`: from the tune's run record (stages/_records.py); None (no record: the tuned model was restored by
+    DVC, or trained in another clone) looks the tune run up among this pipeline run's children instead."""
+    from mlflow.exceptions import MlflowException
+
     parent = parent_run_id(mlflow, key)
     client = mlflow.MlflowClient()
-    tune = client.get_run(tune_run_id)
-    if tune.data.tags.get("mlflow.parentRunId") == parent:
-        return tune_run_id
+    experiment = client.get_run(parent).info.experiment_id
+    tune = None
+    if tune_run_id is not None:
+        try:
+            tune = client.get_run(tune_run_id)
+        except MlflowException:  # a record from another tracking store
+            tune = None
+    if tune is None:
+        found = client.search_runs(
+            [experiment], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.vr_kind = 'tune' and tags.vr_run = '{run}' "
+                          "and attributes.status = 'FINISHED'",
+        )
+        tune = found[0] if found else None
+    if tune is not None and tune.data.tags.get("mlflow.parentRunId") == parent:
+        return tune.info.run_id
     found = client.search_runs(
-        [tune.info.experiment_id], max_results=1,
+        [experiment], max_results=1,
         filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.vr_kind = 'evaluate' and tags.vr_run = '{run}'",
     )
     if found:
         return found[0].info.run_id
     with mlflow.start_run(run_id=parent):
-        tags = run_tags("evaluate", run) | {"vr_tune_run_id": tune_run_id}
+        tags = run_tags("evaluate", run) | ({"vr_tune_run_id": tune.info.run_id} if tune is not None else {})
         with mlflow.start_run(run_name=run, nested=True, tags=tags) as active:
-            mlflow.log_params({k: v for k, v in tune.data.params.items() if not k.startswith("prune.")})  # its own
+            if tune is not None:  # its own params
+                mlflow.log_params({k: v for k, v in tune.data.params.items() if not k.startswith("prune.")})
             return active.info.run_id
 
 

@@ -72,9 +72,10 @@ def mlflow_run(mlflow, key: dict, name: str, logged: dict) -> Iterator:
 
 
 def metrics(result, report: dict, *, mlflow_run_id: str, git_commit: str) -> dict:
-    """metrics/tune/<run>.json: the training result, the trainability report, and the run's identity (its MLflow run,
-    the commit it ran at). The identity lives here, in git, not in the DVC-cached model: a model's bytes, and so its
-    hash in dvc.lock, must depend only on what trained it, or no two runs could share it through a remote (issue 21)."""
+    """The run's metrics: the training result, the trainability report, and the run's identity (its MLflow run, the
+    commit it ran at). The stage writes the results to metrics/tune/<run>.json and the timings and identity to its run
+    record (stages/_records.py), never into the DVC-cached model: a model's bytes, and so its hash in dvc.lock, must
+    depend only on what trained it, or no two runs could share it through a remote (issue 21)."""
     return {
         "mlflow_run_id": mlflow_run_id, "git_commit": git_commit,
         "steps": result.steps, "train_seconds": result.train_seconds, "final_loss": result.final_loss,

@@ -18,11 +18,17 @@ RETENTION_PLOT = Path("plots/retention_vs_layers.csv")
 REPORT = Path("reports/summary.md")
 FIGURES = Path("reports/figures")
 CHECKPOINTS = Path("checkpoints")  # resume checkpoints of the training stages; not tracked
+RUNS = Path("runs")  # each stage's run record: timings, memory, MLflow run id (stages/_records.py); not tracked
 
 
 def stage_metrics(stage: str, run: str | None = None) -> Path:
     """metrics/<stage>.json, or metrics/<stage>/<run>.json for a per-run stage (tune, prune, eval)."""
     return METRICS / stage / f"{run}.json" if run else METRICS / f"{stage}.json"
+
+
+def run_record(stage: str, run: str | None = None) -> Path:
+    """runs/<stage>.json, or runs/<stage>/<run>.json for a per-run stage (stages/_records.py)."""
+    return RUNS / stage / f"{run}.json" if run else RUNS / f"{stage}.json"
 
 
 def tuned_model(run: str) -> Path:

@@ -8,7 +8,7 @@ and LM, or take an existing LLaVA checkpoint.
 
 import shutil
 
-from stages import _inputs as inputs, _paths as paths
+from stages import _inputs as inputs, _paths as paths, _records as records
 from stages._common import run
 
 PARTS = paths.CHECKPOINTS / "base_parts"  # the offline profiles' tower and LM before they are composed
@@ -63,7 +63,9 @@ def main(argv: list[str]) -> None:
     metrics["parameters"] = sum(p.numel() for p in vlm.parameters())
     model.save_vlm(vlm, processor, paths.BASE)
     shutil.rmtree(PARTS, ignore_errors=True)
-    atomic_write_json(paths.stage_metrics("base"), metrics)
+    results, record = records.split(metrics)  # the pretraining times: runs/build_base.json
+    atomic_write_json(paths.stage_metrics("base"), results)
+    records.write(record, "build_base", describes=(paths.stage_metrics("base"),))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ published benchmarks of `evaluate.benchmarks` when it names any (pipeline/benchm
 """
 
 from pipeline.tracking import outage
-from stages import _inputs as inputs, _paths as paths
+from stages import _inputs as inputs, _paths as paths, _records as records
 from stages._common import run, run_name
 
-TUNE_METRICS_KEPT = ("train_seconds", "peak_memory_bytes", "trainable_parameters", "optimizer_state_bytes")
+TUNE_METRICS_KEPT = ("trainable_parameters", "optimizer_state_bytes")
 
 
 def main(argv: list[str]) -> None:
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
     bench_tasks = benchmarks.runnable_tasks(params.evaluate.benchmarks)  # so do missing benchmark files
     tune_stage, prune_stage = inputs.stage_name(params, "tune", name), inputs.stage_name(params, "prune", name)
     models = {"tuned": inputs.need(paths.tuned_model(name), tune_stage), "pruned": inputs.need(paths.pruned_model(name), prune_stage)}
-    tune_metrics = inputs.read_json(paths.stage_metrics("tune", name), tune_stage, (*TUNE_METRICS_KEPT, "mlflow_run_id"))
+    tune_metrics = inputs.read_json(paths.stage_metrics("tune", name), tune_stage, TUNE_METRICS_KEPT)
     sets = evaluation.evaluation_sets(inputs.prepared(data.VISUAL_DIR), inputs.prepared(data.TEXT_DIR),
                                       inputs.prepared(data.TEXT_QA_DIR), params.evaluate)
     results, bench_runs = {}, {}
@@ -34,10 +34,13 @@ def main(argv: list[str]) -> None:
                                                          loaded=(vlm, processor))
             results[kind]["benchmarks"] = bench_runs[kind]["scores"]
     results["tuned"] |= {k: tune_metrics[k] for k in TUNE_METRICS_KEPT}
-    atomic_write_json(paths.stage_metrics("eval", name), results)
+    scores, record = records.split(results)  # generation speed: runs/eval/<run>.json
+    atomic_write_json(paths.stage_metrics("eval", name), scores)
+    records.write(record, "eval", name, describes=(paths.stage_metrics("eval", name),))
 
     mlflow = tracking.setup(params.mlflow.experiment)
-    run_id = tracking.evaluation_run_id(mlflow, tracking.pipeline_key(params), name, tune_metrics["mlflow_run_id"])
+    tune_run_id = records.read("tune", name).get("mlflow_run_id")  # None: the tune ran elsewhere (restored by DVC)
+    run_id = tracking.evaluation_run_id(mlflow, tracking.pipeline_key(params), name, tune_run_id)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params(tracking.prune_params(params))
         for kind, res in results.items():

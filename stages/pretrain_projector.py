@@ -6,7 +6,7 @@
 
 from contextlib import ExitStack
 
-from stages import _inputs as inputs, _paths as paths
+from stages import _inputs as inputs, _paths as paths, _records as records
 from stages._launch import run_launchable
 
 
@@ -41,11 +41,13 @@ def main(argv: list[str]) -> None:
         if main_rank:  # under a launcher: rank 0 writes the outputs while the other ranks wait (shutdown)
             metrics = {"steps": result.steps, "train_seconds": result.train_seconds, "final_loss": result.final_loss,
                        "trainable_parameters": report["trainable"], "peak_memory_bytes": result.peak_memory_bytes}
+            results, record = records.split(metrics)  # the timings: runs/pretrain_projector.json
             storage.write_together({
                 paths.PROJECTOR: lambda: model.save_vlm(vlm, processor, paths.PROJECTOR),
                 plot_path: lambda: storage.atomic_write_text(plot_path, training.loss_csv(result.loss_history)),
-                metrics_path: lambda: storage.atomic_write_json(metrics_path, metrics),
+                metrics_path: lambda: storage.atomic_write_json(metrics_path, results),
             })
+            records.write(record, "pretrain_projector", describes=(metrics_path,))
             training.finish(ckpt)
     distributed.shutdown()
 

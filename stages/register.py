@@ -9,7 +9,7 @@ benchmark scores `registry.min_benchmark_retention` names). Writes
 import os
 
 from pipeline.tracking import outage
-from stages import _inputs as inputs, _paths as paths
+from stages import _inputs as inputs, _paths as paths, _records as records
 from stages._common import run
 
 # registry.kinds -> (the path of a run's checkpoint of that kind, the stage writing it)
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     tracking.setup(params.mlflow.experiment)
     results: dict = {"enabled": True, "models": {}}
     for name in runs:
-        tune_metrics = inputs.read_json(paths.stage_metrics("tune", name), inputs.stage_name(params, "tune", name))
+        tune_run_id = records.read("tune", name).get("mlflow_run_id")  # None: a run of its own (registry.py)
         for kind in cfg.kinds:
             scores = evals[name][kind]
             decision = registry.gate(
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
             path, stage = CHECKPOINTS[kind]
             checkpoint = str(inputs.need(path(name), inputs.stage_name(params, stage, name)))
             version = registry.register_checkpoint(
-                checkpoint, model, run_id=tune_metrics.get("mlflow_run_id"), dtype=params.model.dtype,
+                checkpoint, model, run_id=tune_run_id, dtype=params.model.dtype,
                 fingerprint=tracking.tree_hash(checkpoint),
                 tags={"vr_run": name, "vr_kind": kind, "git_commit": tracking.git_commit(),
                       "visual_retention": decision.visual_retention, "text_retention": decision.text_retention},

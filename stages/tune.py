@@ -9,7 +9,7 @@ Under a launcher every rank trains; rank 0 alone logs to MLflow and writes the o
 from contextlib import ExitStack
 
 from pipeline.tracking import outage
-from stages import _inputs as inputs, _paths as paths
+from stages import _inputs as inputs, _paths as paths, _records as records
 from stages._common import run_name
 from stages._launch import run_launchable
 
@@ -61,11 +61,13 @@ def main(argv: list[str]) -> None:
             selection = tune_run.selection(name, layers, model.num_decoder_layers(tuned), logged)
             tune_run.log_result(mlflow, result, metrics, report, selection)
             side_files = {paths.selection(name).name: selection, "trainability.json": report}
+            results, record = records.split(metrics)  # the timings and the run's identity: runs/tune/<run>.json
             storage.write_together({
                 out: lambda: model.save_vlm(tuned, processor, out, extra_json=side_files),
                 plot_path: lambda: storage.atomic_write_text(plot_path, training.loss_csv(result.loss_history)),
-                metrics_path: lambda: storage.atomic_write_json(metrics_path, metrics),
+                metrics_path: lambda: storage.atomic_write_json(metrics_path, results),
             })
+            records.write(record, "tune", name, describes=(metrics_path, paths.selection(name)))
     if main_rank:
         training.finish(ckpt)  # the checkpoints go once the model is written and its MLflow run ended FINISHED
     distributed.shutdown()  # the other ranks wait here for rank 0's outputs, then every process leaves the group

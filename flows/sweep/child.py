@@ -81,7 +81,9 @@ def sweep_child(selection: str, stages: list[str], repo_url: str, commit: str, s
     if missing := [s for s in stages if s not in lock]:
         raise PipelineError(f"selection {selection}: dvc.lock in {ws} has no entries for {missing} after the repro")
     outputs_key = exchange.key(sweep_id, selection, f"outputs-{run_id}")
-    exchange.send_files(ws, remote, outputs_key, list(outputs or []))
+    # and its stages' run records (timings, MLflow run ids: stages/_records.py), which are not DVC outputs
+    records = [exchange.RUN_RECORDS] if (ws / exchange.RUN_RECORDS).is_dir() else []
+    exchange.send_files(ws, remote, outputs_key, [*(outputs or []), *records])
     result = {
         "selection": selection, "commit": commit, "stages": stages, "lock": {s: lock[s] for s in stages},
         "outputs_key": outputs_key, "where": where(), "seconds": round(time.monotonic() - started, 1),

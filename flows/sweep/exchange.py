@@ -6,6 +6,7 @@ remote (the same credentials, endpoint and remote types as `dvc push`); Prefect 
 
     <remote>/sweeps/<sweep>/<selection>/inputs.tar.gz             parent -> child: params.yaml, dvc.lock, inputs
     <remote>/sweeps/<sweep>/<selection>/outputs-<run id>.tar.gz   child -> parent: its stages' uncached outputs
+                                                                  and run records (runs/)
 
 The parent removes its sweep's area when it ends. (`dvc gc --cloud` leaves it alone: it only deletes what looks like
 a cache object.)"""
@@ -22,6 +23,7 @@ from prefect import task
 from flows.workspace import RETRY_TRANSIENT, PipelineError, TransientError, is_transient, run_logger
 
 AREA = "sweeps"
+RUN_RECORDS = "runs"  # the stages' run records (stages/_paths.RUNS): a child sends its own back with its outputs
 
 
 def pack(workspace: Path, paths: list[str], tarball: Path) -> list[str]:

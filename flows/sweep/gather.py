@@ -50,7 +50,7 @@ def gather(workspace: Path, child: Child, selection: Selection, remote: str | No
             raise PipelineError(f"its result has dvc.lock entries for {sorted(result.get('lock', {}))}, "
                                 f"expected {selection.stages}")
         merge_lock(workspace, result["lock"])
-        exchange.receive_files(workspace, remote, result["outputs_key"], selection.outputs,
+        exchange.receive_files(workspace, remote, result["outputs_key"], [*selection.outputs, exchange.RUN_RECORDS],
                                f"child {child.selection}")
         dvc_pull(workspace, remote, selection.stages)
         if changed := dvc_status(workspace, selection.stages):

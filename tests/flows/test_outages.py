@@ -381,7 +381,7 @@ def test_mlflow_stopped_mid_tune_fails_clearly_and_the_rerun_ends_the_stale_run(
         old, new = tune_runs(server.url)
         assert old.info.run_id == stale.info.run_id and old.info.status == "KILLED"
         assert new.info.status == "FINISHED" and "train_loss" in new.data.metrics
-        record = yaml.safe_load((ws / "metrics/tune/x.json").read_text())
+        record = yaml.safe_load((ws / "runs/tune/x.json").read_text())
         assert record["mlflow_run_id"] == new.info.run_id
         for rel in TUNE_OUTPUTS:
             assert (ws / rel).exists(), rel

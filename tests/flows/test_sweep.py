@@ -277,7 +277,7 @@ def test_children_log_under_the_sweeps_mlflow_parent_run(cluster, swept):
     client = mlflow.MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
     parents = set()
     for name in CHILDREN | {"all"}:
-        record = json.loads((cluster.ws / "metrics" / "tune" / f"{name}.json").read_text())
+        record = json.loads((cluster.ws / "runs" / "tune" / f"{name}.json").read_text())
         run = client.get_run(record["mlflow_run_id"])
         assert run.data.params["run"] == name and "visual_score" in json.dumps(run.data.metrics), run.data.metrics
         parents.add(run.data.tags.get("mlflow.parentRunId"))

@@ -73,9 +73,9 @@ def test_benchmark_scores_land_in_the_metrics_and_on_the_mlflow_run(tmp_path, pr
     experiment = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "mlartifacts").as_uri())
     tune_run = client.create_run(experiment).info.run_id
     (tmp_path / "metrics" / "tune").mkdir(parents=True)
-    (tmp_path / "metrics" / "tune" / "x.json").write_text(json.dumps(
-        {"train_seconds": 1.0, "peak_memory_bytes": 0, "trainable_parameters": 1, "optimizer_state_bytes": 0,
-         "mlflow_run_id": tune_run}))
+    (tmp_path / "metrics" / "tune" / "x.json").write_text(json.dumps({"trainable_parameters": 1, "optimizer_state_bytes": 0}))
+    (tmp_path / "runs" / "tune").mkdir(parents=True)  # the tune's run record: the MLflow run evaluate logs into
+    (tmp_path / "runs" / "tune" / "x.json").write_text(json.dumps({"train_seconds": 1.0, "mlflow_run_id": tune_run}))
 
     proc = evaluate(tmp_path, params({"tasks": ["gqa", "pope"], "data_dir": "data/benchmarks", "limit": 2,
                                       "batch_size": 2, "on_missing": "skip"}))

@@ -1,6 +1,7 @@
 """The README's quick start and the registry example, as a newcomer runs them: a fresh `git clone` of this commit,
-`make repro`, a second `dvc repro` that finds nothing to do, `dvc metrics show`, then the registry block of
-docs/orchestration.md as written, with the project's own tracking store (no MLFLOW_TRACKING_URI set).
+`make repro`, a second `dvc repro` that finds nothing to do, `dvc metrics show`, a forced re-run that changes no
+tracked file, then the registry block of docs/orchestration.md as written, with the project's own tracking store (no
+MLFLOW_TRACKING_URI set).
 
 Two deviations, both for time: params/micro.yaml replaces params.yaml (the tiny default takes about 10 minutes;
 bench/time_repro.sh measures that one), and the clone uses this checkout's .venv (set up once by `make setup`), so
@@ -54,6 +55,20 @@ def test_make_repro_then_nothing_to_do_and_the_metrics_show(clone):
     metrics = run([str(ws / ".venv/bin/dvc"), "metrics", "show"], ws, env).stdout
     assert "metrics/summary.json" in metrics and "all.visual_score" in metrics, metrics
     assert (ws / "mlruns.db").exists() and not (ws / "mlflow.db").exists()  # the project's store, not MLflow's default
+
+
+def test_a_rerun_from_scratch_changes_no_tracked_file(clone):
+    """One result for one commit (issue 22): with the first run's outputs committed, `dvc repro --force` re-runs
+    every stage (no run cache) and leaves every tracked file, dvc.lock included, byte for byte as it was. The
+    timings and MLflow run ids went to the run records (runs/, not tracked) instead."""
+    ws, env, _ = clone
+    run(["git", "add", "-A"], ws, env)
+    run(["git", "commit", "-q", "-m", "the micro profile's outputs"], ws, env)
+    forced = run([str(ws / ".venv/bin/dvc"), "repro", "--force"], ws, env)
+    assert "Running stage 'tune@all'" in forced.stdout + forced.stderr
+    changed = run(["git", "status", "--porcelain"], ws, env).stdout
+    assert changed == "", f"a re-run of the same commit changed tracked files:\n{changed}"
+    assert (ws / "runs" / "tune" / "all.json").is_file()
 
 
 def test_the_registry_example_answers_as_the_checkpoint_does(clone):

@@ -139,7 +139,7 @@ def test_kill_mid_selective_tuning_resumes_and_ends_with_the_same_metrics(shared
     runs = client.search_runs([exp.experiment_id], filter_string="tags.vr_kind = 'tune' and tags.vr_run = 'uniform50'",
                               order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
-    assert runs[1].info.run_id == ws.read_json("metrics/tune/uniform50.json")["mlflow_run_id"]
+    assert runs[1].info.run_id == ws.read_json("runs/tune/uniform50.json")["mlflow_run_id"]
     assert f"MLflow run {runs[0].info.run_id} (tune uniform50) was left RUNNING" in again.stderr
 
 

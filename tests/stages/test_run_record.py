@@ -214,11 +214,11 @@ def _no_constant(name: str):
 def test_every_metrics_file_of_a_pipeline_run_is_strict_json(tmp_path_factory):
     """The shared micro pipeline run of the fault tests (tests/helpers/fault_workspace.py: built once per session for
     test_resume.py and test_security.py, so no extra run in the suite): every JSON file it wrote under metrics/,
-    plots/ and models/ parses with NaN and Infinity refused."""
+    plots/, models/ and runs/ (the run records) parses with NaN and Infinity refused."""
     from fault_workspace import reference
 
     ws = reference(tmp_path_factory)["ref"]
-    files = [p for folder in ("metrics", "plots", "models") for p in (ws.path / folder).rglob("*.json")]
-    assert any(p.parent.name == "tune" for p in files), files
+    files = [p for folder in ("metrics", "plots", "models", "runs") for p in (ws.path / folder).rglob("*.json")]
+    assert any(p.parent.name == "tune" for p in files) and any(p.parts[-3] == "runs" for p in files), files
     for path in files:
         json.loads(path.read_text(), parse_constant=_no_constant)

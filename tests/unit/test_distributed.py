@@ -285,7 +285,8 @@ def test_stage_under_a_launcher_only_rank0_writes(stage_workspace):
     assert selection["layers"] == [1, 3] and selection["data_hash"] and "git_commit" not in selection
     assert selection["processes"] == 2
     metrics = json.loads((ws / "metrics" / "tune" / "uniform50.json").read_text())
-    assert metrics["steps"] == 2 and metrics["git_commit"]
+    record = json.loads((ws / "runs" / "tune" / "uniform50.json").read_text())  # the run's identity (issue 22)
+    assert metrics["steps"] == 2 and record["git_commit"] and "git_commit" not in metrics
     assert (ws / "plots" / "loss" / "uniform50.csv").read_text().startswith("step,loss\n")
     assert not (ws / "checkpoints" / "tune" / "uniform50").exists()
     assert not list((ws / "models" / "tuned").glob(".*"))  # no temporary directory left behind by a second writer
@@ -293,6 +294,6 @@ def test_stage_under_a_launcher_only_rank0_writes(stage_workspace):
     client = mlflow.tracking.MlflowClient(tracking_uri=db)
     exp = client.get_experiment_by_name(yaml.safe_load((ws / "params.yaml").read_text())["mlflow"]["experiment"])
     runs = client.search_runs([exp.experiment_id], filter_string="tags.vr_run = 'uniform50'")
-    assert len(runs) == 1 and runs[0].info.run_id == metrics["mlflow_run_id"]
+    assert len(runs) == 1 and runs[0].info.run_id == record["mlflow_run_id"]
     assert runs[0].data.params["layers"] == "1,3" and runs[0].data.params["processes"] == "2"
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.vr_kind = 'pipeline'")) == 1

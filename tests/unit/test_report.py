@@ -163,7 +163,7 @@ def seeded_runs():
 
 def evaluated(visual: str, text: str = "1" * 10 + "0" * 90) -> dict:
     tuned = {"visual_score": visual.count("1") / len(visual), "text_qa_accuracy": text.count("1") / len(text),
-             "text_ppl": 10.0, "train_seconds": 10.0, "trainable_parameters": 1, "per_type": {"colour": 0.5},
+             "text_ppl": 10.0, "trainable_parameters": 1, "per_type": {"colour": 0.5},
              "samples": {"visual": {"colour": visual}, "text_qa": {"fact": text}}}
     return {"tuned": tuned, "pruned": {"visual_score": 0.5, "num_decoder_layers": 2}}
 
