@@ -11,7 +11,9 @@ What it does, per run:
    640x480 JPEGs (quality 90, shapes over a smooth background with grain: ~40-80 KB each) under coco/train2017/,
    an instruct JSON per size in LLaVA-665K format (10% text-only records without "image" and without <image>,
    ~25% multi-turn with 2-3 human/gpt pairs, <image> only in the first human turn) and a caption JSON per size in
-   LLaVA-Pretrain-558K format (single turn, image + caption) over the same images.
+   LLaVA-Pretrain-558K format (single turn, image + caption). With --images separate (default) the captions have
+   images of their own under pretrain/ (as LLaVA-Pretrain's LCS-558K images are not LLaVA-665K's COCO, GQA, ...);
+   with --images shared they caption the instruct records' images.
 2. Per size, a fresh workspace <workdir>/ws-<N>: a copy of pipeline/ and stages/ (taken once, at start, so that code
    edited meanwhile does not mix into a run) and params.yaml (the micro profile of params/micro.yaml with a
    CLIP-ViT-L/14-336-like input, 336 px / 14 px patches = 576 image tokens; no vision or LM pretraining; fixed small
@@ -87,19 +89,22 @@ CAPTION_PROMPTS = ("Render a clear and concise summary of the photo.", "Give a b
                    "Share a concise interpretation of the image provided.")
 
 
-def image_rel(i: int) -> str:
-    return f"coco/train2017/{i:012d}.jpg"
+IMAGE_SETS = ("coco", "pretrain")  # the instruct records' images; the caption records' own (--images separate)
 
 
-def make_image(seed: int, i: int) -> bytes:
+def image_rel(i: int, image_set: str = "coco") -> str:
+    return f"coco/train2017/{i:012d}.jpg" if image_set == "coco" else f"pretrain/{i // 10000:05d}/{i:09d}.jpg"
+
+
+def make_image(seed: int, i: int, image_set: str = "coco") -> bytes:
     """A 640x480 JPEG (quality 90) of ~40-80 KB: shapes over a smooth background, with grain so it compresses like a
-    photo rather than like a drawing. Deterministic in (seed, i)."""
+    photo rather than like a drawing. Deterministic in (seed, i, image_set)."""
     import io
 
     import numpy as np
     from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng([seed, i])
+    rng = np.random.default_rng([seed, i, IMAGE_SETS.index(image_set)])
     w, h = 640, 480
     img = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(img)
@@ -121,12 +126,13 @@ def make_image(seed: int, i: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_images(job: tuple[str, int, int, int]) -> int:
-    root, seed, start, stop = job
+def _write_images(job: tuple[str, int, int, int, str]) -> int:
+    root, seed, start, stop, image_set = job
     total = 0
     for i in range(start, stop):
-        path = Path(root) / image_rel(i)
-        data = make_image(seed, i)
+        path = Path(root) / image_rel(i, image_set)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = make_image(seed, i, image_set)
         path.write_bytes(data)
         total += len(data)
     return total
@@ -143,9 +149,10 @@ def _answer(rng: random.Random) -> str:
     return " ".join(_sentence(rng, 8, 20) for _ in range(rng.randint(2, 6)))
 
 
-def make_records(seed: int, n: int) -> tuple[list[dict], list[dict]]:
+def make_records(seed: int, n: int, caption_images: str = "pretrain") -> tuple[list[dict], list[dict]]:
     """(instruct records, caption records). Record i's kind depends on (seed, i) only, so a smaller size is a prefix
-    of a larger one; every image record j has image j; the caption set has one record per image."""
+    of a larger one; every image record j has image j; the caption set has one record per image record, over the
+    image set `caption_images` ("pretrain": images of its own; "coco": the instruct records' images)."""
     instruct, captions = [], []
     image = 0
     for i in range(n):
@@ -163,7 +170,7 @@ def make_records(seed: int, n: int) -> tuple[list[dict], list[dict]]:
         rec = {"id": f"{i:09d}", "conversations": conv}
         if not text_only:
             rec["image"] = image_rel(image)
-            captions.append({"id": f"{image:09d}", "image": image_rel(image), "conversations": [
+            captions.append({"id": f"{image:09d}", "image": image_rel(image, caption_images), "conversations": [
                 {"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
                 {"from": "gpt", "value": _sentence(rng, 6, 16).rstrip(".").lower()},
             ]})
@@ -172,19 +179,22 @@ def make_records(seed: int, n: int) -> tuple[list[dict], list[dict]]:
     return instruct, captions
 
 
-def generate_source(root: Path, seed: int, sizes: list[int], procs: int) -> dict:
-    """Images for the largest size (once; in `procs` processes) and one instruct + caption JSON per size."""
+def generate_source(root: Path, seed: int, sizes: list[int], procs: int, images: str = "separate") -> dict:
+    """Images for the largest size (once; in `procs` processes) and one instruct + caption JSON per size. `images`:
+    "separate" gives the caption records images of their own, "shared" the instruct records' images."""
     from concurrent.futures import ProcessPoolExecutor
 
-    (root / "coco" / "train2017").mkdir(parents=True, exist_ok=True)
-    instruct, captions = make_records(seed, max(sizes))
+    sets = ["coco", "pretrain"] if images == "separate" else ["coco"]
+    instruct, captions = make_records(seed, max(sizes), caption_images=sets[-1])
     n_images = len(captions)
     t0 = time.perf_counter()
     chunk = max(1, math.ceil(n_images / (procs * 8)))
-    jobs = [(str(root), seed, s, min(s + chunk, n_images)) for s in range(0, n_images, chunk)]
+    jobs = [(str(root), seed, s, min(s + chunk, n_images), image_set)
+            for image_set in sets for s in range(0, n_images, chunk)]
     with ProcessPoolExecutor(max_workers=procs) as pool:
         list(pool.map(_write_images, jobs))
-    out = {"images": n_images, "generate_seconds": time.perf_counter() - t0, "sizes": {}}
+    out = {"images": n_images * len(sets), "image_sets": images, "generate_seconds": time.perf_counter() - t0,
+           "sizes": {}}
     for n in sizes:
         ins = instruct[:n]
         k = sum("image" in r for r in ins)
@@ -193,7 +203,7 @@ def generate_source(root: Path, seed: int, sizes: list[int], procs: int) -> dict
         out["sizes"][n] = {
             "instruct_records": n, "caption_records": k, "text_only": n - k,
             "multi_turn": sum(len(r["conversations"]) > 2 for r in ins),
-            "image_bytes": sum((root / image_rel(j)).stat().st_size for j in range(k)),
+            "image_bytes": sum((root / image_rel(j, image_set)).stat().st_size for image_set in sets for j in range(k)),
             "json_bytes": (root / f"instruct_{n}.json").stat().st_size + (root / f"pretrain_{n}.json").stat().st_size,
         }
     return out
@@ -567,8 +577,10 @@ def scaling(rows: list[dict], sizes: list[int], target: int) -> dict[str, dict]:
 
 def markdown(result: dict) -> str:
     rows, sizes = result["rows"], result["sizes"]
+    caption_images = ("images of their own" if result["config"].get("images", "shared") == "separate"
+                      else "the instruct records' images")
     lines = [f"Data-scaling bench: {', '.join(str(n) for n in sizes)} instruct records (+ one caption record per "
-             f"image), images 640x480 JPEG, model input {result['config']['image_size']} px / patch "
+             f"image, over {caption_images}), images 640x480 JPEG, model input {result['config']['image_size']} px / patch "
              f"{result['config']['patch_size']} ({result['config']['image_tokens']} image tokens), max_steps "
              f"{result['config']['max_steps']}, batch {result['config']['batch_size']}, max_length "
              f"{result['config']['max_length']}, workers {result['config']['workers']}, num_proc "
@@ -640,6 +652,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-keys", choices=["auto", "keep", "drop"], default="auto",
                     help="the params keys being added now: auto = drop the ones the schema refuses")
     ap.add_argument("--prune", action="store_true", help="also run prune --run all")
+    ap.add_argument("--images", choices=["separate", "shared"], default="separate",
+                    help="the caption records' images: their own (as in LLaVA-Pretrain vs LLaVA-665K) or the "
+                         "instruct records' (each split then stores its own copy)")
     ap.add_argument("--input-batches", type=int, default=40, help="batches of the input-pipeline measurement")
     ap.add_argument("--extrapolate", type=int, default=665_000, help="records to extrapolate to (LLaVA-665K)")
     ap.add_argument("--seed", type=int, default=0)
@@ -686,7 +701,8 @@ def main(argv=None) -> int:
             shutil.copytree(REPO / part, code / part, ignore=ignore)
         source = work / "source"
         print(f"[data_bench] generating {max(args.sizes)} records into {source} ...", file=sys.stderr, flush=True)
-        src = generate_source(source, args.seed, args.sizes, procs=max(1, min(2, os.cpu_count() or 1)))
+        src = generate_source(source, args.seed, args.sizes, procs=max(1, min(2, os.cpu_count() or 1)),
+                              images=args.images)
         keys: dict = {}
         rows, per_size = [], []
         for n in args.sizes:
@@ -700,7 +716,7 @@ def main(argv=None) -> int:
             "sizes": args.sizes,
             "config": {k: getattr(args, k) for k in ("max_steps", "batch_size", "max_length", "image_size",
                                                      "patch_size", "workers", "num_proc", "preprocess", "new_keys",
-                                                     "prune", "input_batches", "extrapolate", "seed", "poll")}
+                                                     "prune", "images", "input_batches", "extrapolate", "seed", "poll")}
                       | {"image_tokens": (args.image_size // args.patch_size) ** 2, "rss_limit_bytes": limit},
             "refused_keys": keys.get("refused", []), "schema_message": keys.get("message", ""),
             "source": {k: v for k, v in src.items() if k != "sizes"},

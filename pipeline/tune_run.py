@@ -90,7 +90,7 @@ RUN_IDENTITY = ("git_commit",)  # in the MLflow params, not in the model: it cha
 
 def selection(name: str, layers: list[int], num_decoder_layers: int, logged: dict) -> dict:
     """selection.json, saved beside the tuned model: its layers and the params that made it (not the run's identity,
-    which is in metrics/tune/<run>.json)."""
+    which is in the run record, runs/tune/<run>.json)."""
     return {"run": name, "layers": layers, "num_decoder_layers": num_decoder_layers,
             **{k: v for k, v in logged.items() if k not in ("layers", *RUN_IDENTITY)}}
 

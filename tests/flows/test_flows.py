@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import httpx
@@ -213,6 +214,24 @@ def ensure_gpu_pool(api: str, cwd: Path, env: dict[str, str]) -> None:
         sh([PY, "-m", "prefect", "work-pool", "create", "gpu", "--type", "process"], cwd, env, timeout=120)
 
 
+def worker_hang_report(worker: subprocess.Popen, worker_log: Path) -> dict:
+    """What a worker that ignored one SIGINT was doing: its process tree (pid, status, command) and, from a SIGABRT
+    with PYTHONFAULTHANDLER set, the stack of each of its threads, which it prints to its log after `log_offset`."""
+    processes = []
+    for proc in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+        try:
+            processes.append((proc.pid, proc.status(), " ".join(proc.cmdline())[:200]))
+        except psutil.Error:
+            pass
+    log_offset = len(worker_log.read_text())
+    os.kill(worker.pid, signal.SIGABRT)
+    try:
+        worker.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    return {"processes": processes, "log_offset": log_offset}
+
+
 def test_deployment_runs_refuse_an_unprepared_workspace_in_one_line(
         tmp_path, prefect_server):
     """The deployments pointed at a user's checkout (`VR_WORKSPACE=<checkout>`, not a workspace `make deploy`
@@ -233,8 +252,11 @@ def test_deployment_runs_refuse_an_unprepared_workspace_in_one_line(
 
     worker_log = tmp_path / "worker.log"
     with worker_log.open("w") as log:
+        # PYTHONFAULTHANDLER: a SIGABRT makes the worker print every thread's stack (used below if it hangs)
         worker = subprocess.Popen([PY, "-m", "prefect", "worker", "start", "--pool", "gpu", "--type", "process"],
-                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                  cwd=tmp_path, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    hang = None
     try:
         deadline = time.monotonic() + 300
         for name, run in runs.items():
@@ -245,9 +267,10 @@ def test_deployment_runs_refuse_an_unprepared_workspace_in_one_line(
             runs[name] = run
         # The flow runs' processes print their last lines after the state is set. A worker's first SIGINT waits
         # for the flow runs it started (Prefect's design; a second one kills them): wait for them to exit, then
-        # interrupt once and report how long the idle worker took to stop. Not asserted: alone (loaded or not) it
-        # stopped in under a second, but in two loaded full-suite runs it had not stopped 60 s after one SIGINT,
-        # which is not understood yet (docs/orchestration.md); the worker is killed after 60 s.
+        # interrupt once. Not asserted: alone (loaded or not) it stopped in under a second, but in two loaded
+        # full-suite runs it had not stopped 60 s after one SIGINT, which is not understood yet
+        # (docs/orchestration.md). If it hangs, the warning this test emits carries what would explain it: the
+        # worker's processes and every thread's stack.
         idle_by = time.monotonic() + 120
         while psutil.Process(worker.pid).children(recursive=True) and time.monotonic() < idle_by:
             time.sleep(0.5)
@@ -257,11 +280,16 @@ def test_deployment_runs_refuse_an_unprepared_workspace_in_one_line(
             worker.wait(timeout=60)
             print(f"\nthe worker stopped {time.monotonic() - interrupted:.1f} s after one SIGINT")
         except subprocess.TimeoutExpired:
-            print("\nthe worker had not stopped 60 s after one SIGINT")
+            hang = worker_hang_report(worker, worker_log)
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=30)
+    output = worker_log.read_text()
+    if hang:
+        output, stacks = output[:hang["log_offset"]], output[hang["log_offset"]:]
+        warnings.warn(f"the worker had not stopped 60 s after one SIGINT; its processes: {hang['processes']}; "
+                      f"its threads after SIGABRT:\n{stacks[-6000:]}", stacklevel=1)
     output = worker_log.read_text()
     refusal = f"workspace {checkout} is not a deployment workspace"
     for name, run in runs.items():

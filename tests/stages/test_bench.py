@@ -127,6 +127,29 @@ def test_flop_model_textbook_limits(tb):
 
 
 # ---------------------------------------------------------------------------------------------------- data scaling
+def test_data_bench_source_images_separate_or_shared(tmp_path):
+    """The bench's caption records have images of their own by default (LLaVA-Pretrain's are not LLaVA-665K's), and
+    the instruct records' with --images shared; the source image bytes count every image referenced, once."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import data_bench
+    finally:
+        sys.path.remove(str(BENCH))
+    for images in ("separate", "shared"):
+        root = tmp_path / images
+        src = data_bench.generate_source(root, seed=0, sizes=[6], procs=1, images=images)
+        instruct = json.loads((root / "instruct_6.json").read_text())
+        captions = json.loads((root / "pretrain_6.json").read_text())
+        instruct_images = {r["image"] for r in instruct if "image" in r}
+        caption_images = {r["image"] for r in captions}
+        assert len(caption_images) == len(captions) == len(instruct_images) > 0
+        assert (caption_images.isdisjoint(instruct_images) if images == "separate"
+                else caption_images == instruct_images)
+        on_disk = {str(f.relative_to(root)): f.stat().st_size for f in root.rglob("*.jpg")}
+        assert set(on_disk) == instruct_images | caption_images
+        assert src["sizes"][6]["image_bytes"] == sum(on_disk.values())
+
+
 @pytest.mark.slow
 def test_data_bench_tiny(tmp_path):
     """The data-scaling bench runs the real stages on two tiny LLaVA-format datasets (~1.5 min on 2 cores)."""
