@@ -289,7 +289,8 @@ def test_deployment_runs_refuse_an_unprepared_workspace_in_one_line(
     if hang:
         output, stacks = output[:hang["log_offset"]], output[hang["log_offset"]:]
         warnings.warn(f"the worker had not stopped 60 s after one SIGINT; its processes: {hang['processes']}; "
-                      f"its threads after SIGABRT:\n{stacks[-6000:]}", stacklevel=1)
+                      f"its last lines before SIGABRT:\n{output[-1500:]}\nits threads after SIGABRT:\n"
+                      f"{stacks[-6000:]}", stacklevel=1)
     output = worker_log.read_text()
     refusal = f"workspace {checkout} is not a deployment workspace"
     for name, run in runs.items():
