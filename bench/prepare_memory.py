@@ -159,7 +159,7 @@ def ensure_source(source: Path, seed: int, sizes: list[int]) -> None:
             (source / f"instruct_{n}.json").is_file() for n in sizes):
         return
     print(f"[prepare_memory] generating {max(sizes)} records into {source} ...", file=sys.stderr, flush=True)
-    data_bench.generate_source(source, seed, sorted(set(sizes)), procs=1, images="shared")  # as when measured
+    data_bench.generate_source(source, seed, sorted(set(sizes)), procs=1, images="shared")  # the shape it was measured with
     stamp.write_text(json.dumps(want))
 
 

@@ -291,7 +291,6 @@ def test_deployment_runs_refuse_an_unprepared_workspace_in_one_line(
         warnings.warn(f"the worker had not stopped 60 s after one SIGINT; its processes: {hang['processes']}; "
                       f"its last lines before SIGABRT:\n{output[-1500:]}\nits threads after SIGABRT:\n"
                       f"{stacks[-6000:]}", stacklevel=1)
-    output = worker_log.read_text()
     refusal = f"workspace {checkout} is not a deployment workspace"
     for name, run in runs.items():
         message = run["state"]["message"]
